@@ -1,0 +1,5 @@
+import sys
+
+from framework.entrypoints.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""Flattening a scheduled batch into the arrays the model runs on (numpy, host side).
+
+No padding between sequences: the new tokens of every scheduled sequence are
+concatenated. Decodes (one new token) are put first so that attention
+backends can treat them as one dense batch. The sampled positions are the last
+new token of each sequence that catches up with its known tokens this step
+(a prefill chunk that stops short of the prompt's end samples nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from framework.engine.scheduler import ScheduledBatch
+from framework.engine.sequence import Sequence
+
+
+@dataclass
+class PreparedBatch:
+    seqs: list[Sequence]  # batch order (decodes first)
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    block_tables: np.ndarray  # [B, max_blocks] int32
+    seq_lens: np.ndarray  # [B] int32, cached + new tokens
+    query_start_loc: np.ndarray  # [B + 1] int32
+    num_decodes: int
+    logits_indices: np.ndarray  # [S] int64, rows of the hidden states that sample
+    sample_seqs: list[Sequence]  # the S sequences that get a token, in row order
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.query_start_loc[-1])
+
+
+def prepare_batch(batch: ScheduledBatch, block_size: int) -> PreparedBatch:
+    decodes = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
+    order = decodes + [i for i, n in enumerate(batch.num_new_tokens) if n != 1]
+    seqs = [batch.seqs[i] for i in order]
+    num_seqs = len(seqs)
+
+    query_lens = np.fromiter((batch.num_new_tokens[i] for i in order), dtype=np.int64, count=num_seqs)
+    starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_seqs)
+    totals = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=num_seqs)
+    seq_lens = starts + query_lens
+    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+
+    if len(decodes) == num_seqs:
+        input_ids = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=num_seqs)
+    else:
+        ids: list[int] = []
+        for seq, start, n in zip(seqs, starts.tolist(), query_lens.tolist()):
+            ids.extend(seq.token_ids[start : start + n])
+        input_ids = np.asarray(ids, dtype=np.int64)
+
+    # positions[t] = start of t's sequence + t's offset among that sequence's new tokens
+    seq_of_token = np.repeat(np.arange(num_seqs), query_lens)
+    positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(starts - query_start_loc[:-1], query_lens)
+
+    max_blocks = max((len(s.block_ids) for s in seqs), default=0)
+    block_tables = np.zeros((num_seqs, max(max_blocks, 1)), dtype=np.int32)
+    for row, seq in zip(block_tables, seqs):
+        row[: len(seq.block_ids)] = seq.block_ids
+    slot_mapping = block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
+    slot_mapping += positions % block_size
+
+    samples = seq_lens == totals
+    logits_indices = query_start_loc[1:][samples] - 1
+    sample_seqs = [s for s, sampled in zip(seqs, samples.tolist()) if sampled]
+    return PreparedBatch(
+        seqs=seqs,
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        block_tables=block_tables,
+        seq_lens=seq_lens.astype(np.int32),
+        query_start_loc=query_start_loc.astype(np.int32),
+        num_decodes=len(decodes),
+        logits_indices=logits_indices,
+        sample_seqs=sample_seqs,
+    )

@@ -1,0 +1,232 @@
+"""``LLMEngine``: requests in, ``RequestOutput``s out, one step at a time.
+
+A step is three moves: the scheduler picks the batch, the model runner runs
+it, the output processor applies the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from framework.config import EngineConfig
+from framework.engine.block_pool import KVCacheManager
+from framework.engine.model_runner import ModelRunner
+from framework.engine.output_processor import OutputProcessor
+from framework.engine.scheduler import Scheduler
+from framework.engine.sequence import Sequence
+from framework.model_config import (
+    HFConfig,
+    ModelConfig,
+    checkpoint_dtype,
+    derive_max_model_len,
+    load_generation_eos,
+    resolve_dtype,
+)
+from framework.outputs import RequestOutput
+from framework.quantization import resolve_quant_config
+from framework.registry import Registries, load_registries
+from framework.sampling_params import SamplingParams
+from framework.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 4 << 30
+
+PromptInput = Union[str, list[int]]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.registries: Registries = load_registries(config.plugins.disable)
+        self.device = _resolve_device(config.device)
+        free_before = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+        self.model_config = self._model_config()
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_config.path)
+        torch.manual_seed(config.seed)  # the random state of requests without a seed
+        quant = resolve_quant_config(self.registries, config.quantization, self.model_config.hf_config)
+        self.runner = ModelRunner(config, self.model_config, self.registries, self.device, quant)
+        self.num_blocks = self._num_kv_blocks(free_before)
+        self.runner.init_kv_cache(self.num_blocks)
+        self.kv = KVCacheManager(self.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.outputs = OutputProcessor(self.tokenizer, self.model_config.eos_token_ids, self.model_config.max_model_len)
+        self._seqs: dict[str, Sequence] = {}
+        self._request_counter = itertools.count()
+
+    # -- construction --------------------------------------------------------
+
+    def _model_config(self) -> ModelConfig:
+        config = self.config
+        path = Path(config.model) if config.model else _demo_model()
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"model {str(path)!r} is not a Hugging Face model directory (no config.json)")
+        hf_config = HFConfig.from_file(config_file)
+        architectures = hf_config.get("architectures") or []
+        known = self.registries.models
+        arch = next((a for a in architectures if a in known), None)
+        if arch is None:
+            raise ValueError(
+                f"model architecture {architectures or 'unknown'} is not supported by the installed plugins; "
+                f"installed architectures: {', '.join(known.names()) or 'none'}"
+            )
+        max_model_len = derive_max_model_len(hf_config, config.max_model_len)
+        hf_config["max_model_len"] = max_model_len
+        return ModelConfig(
+            path=path,
+            hf_config=hf_config,
+            architecture=arch,
+            dtype=resolve_dtype(config.dtype, checkpoint_dtype(hf_config)),
+            max_model_len=max_model_len,
+            block_size=config.block_size,
+            kv_cache_dtype=config.kv_cache_dtype,
+            eos_token_ids=load_generation_eos(path, hf_config),
+        )
+
+    def _num_kv_blocks(self, free_before: int) -> int:
+        config, mc = self.config, self.model_config
+        block_bytes = self.runner.kv_block_bytes()
+        blocks_per_seq = -(-mc.max_model_len // config.block_size)
+        if config.kv_cache_memory is not None:
+            budget, source = config.kv_cache_memory, f"kv_cache_memory={config.kv_cache_memory}"
+        elif self.device.type == "cuda":
+            total = torch.cuda.mem_get_info(self.device)[1]
+            tokens = min(config.max_num_batched_tokens, config.max_num_seqs * mc.max_model_len)
+            peak = self.runner.profile_peak_memory(tokens, min(config.max_num_seqs, tokens))
+            budget = int(total * config.gpu_memory_utilization) - (total - free_before) - peak
+            source = f"gpu_memory_utilization={config.gpu_memory_utilization} (peak {peak / 2**30:.2f} GiB)"
+        else:
+            # CPU default: no more than the engine could ever use.
+            budget = min(DEFAULT_CPU_KV_BYTES, config.max_num_seqs * blocks_per_seq * block_bytes)
+            source = "the CPU default KV-cache size"
+        num_blocks = max(0, budget // block_bytes)
+        capacity = num_blocks * config.block_size
+        if capacity < mc.max_model_len:
+            raise ValueError(
+                f"max_model_len={mc.max_model_len} is larger than the KV cache can hold: {num_blocks} blocks of "
+                f"{config.block_size} tokens = {capacity} tokens ({block_bytes} bytes per block, from {source}). "
+                f"Raise kv_cache_memory or gpu_memory_utilization, or lower max_model_len."
+            )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB); max concurrency at max_model_len %d: %.2fx",
+            num_blocks, config.block_size, num_blocks * block_bytes / 2**30, mc.max_model_len,
+            capacity / mc.max_model_len,
+        )  # fmt: skip
+        return num_blocks
+
+    # -- requests --------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: PromptInput,
+        params: Optional[SamplingParams] = None,
+        request_id: Optional[str] = None,
+        arrival_time: Optional[float] = None,
+    ) -> str:
+        """Queue a prompt (text or token ids); returns the request id."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, not {type(params).__name__}")
+        request_id = str(next(self._request_counter)) if request_id is None else request_id
+        if request_id in self._seqs:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, text, token_ids, params, arrival_time, generator)
+        self._seqs[request_id] = seq
+        self.outputs.add(seq)
+        self.scheduler.add(seq)
+        return request_id
+
+    def _tokenize(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
+        max_len, vocab = self.model_config.max_model_len, self.model_config.vocab_size
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            text, token_ids = None, list(prompt)
+            bad = [t for t in token_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is out of range: the vocabulary has {vocab} tokens")
+        else:
+            raise TypeError("a prompt is a string or a list of token ids")
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if len(token_ids) >= max_len:
+            raise ValueError(
+                f"the prompt is {len(token_ids)} tokens long, but max_model_len is {max_len}: "
+                f"it must leave room for at least one generated token"
+            )
+        return text, token_ids
+
+    def abort_request(self, request_ids: Union[str, list[str]]) -> list[RequestOutput]:
+        """Stop requests now and free their KV blocks; returns their final outputs."""
+        ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
+        outputs = []
+        for seq in self.scheduler.abort(ids):
+            self.outputs.abort(seq)
+            outputs.append(self._release(seq))
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # -- the step ---------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the outputs of every request that got a token."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        samples = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        outputs, finished = [], []
+        for sample in samples:
+            self.outputs.append(sample)
+            if sample.seq.is_finished:
+                finished.append(sample.seq)
+            else:
+                outputs.append(self.outputs.request_output(sample.seq))
+        self.scheduler.finish(finished)
+        outputs += [self._release(seq) for seq in finished]
+        return outputs
+
+    def _release(self, seq: Sequence) -> RequestOutput:
+        self._seqs.pop(seq.request_id, None)
+        self.outputs.drop(seq)
+        return self.outputs.request_output(seq)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def _demo_model() -> Path:
+    from framework.testing import demo_model_path
+
+    logger.info("no model given: using the built-in demo model (tiny, random weights)")
+    return demo_model_path()
