@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -37,7 +40,7 @@ class HFConfig(dict):
         with open(path) as f:
             return cls(json.load(f))
 
-    def rope_parameters(self) -> dict[str, Any]:
+    def rope_settings(self) -> dict[str, Any]:
         """Rotary settings in one shape for old and new checkpoints.
 
         transformers < 5 wrote ``rope_theta`` and ``rope_scaling``; 5.x writes
@@ -53,6 +56,18 @@ class HFConfig(dict):
         params.setdefault("rope_type", "default")
         params.setdefault("rope_theta", self.get("rope_theta", 10000.0))
         return params
+
+    def attention_window(self) -> int | None:
+        """The attention window, or None when attention is plain causal.
+
+        Qwen2 configs carry ``sliding_window`` but slide only with
+        ``use_sliding_window`` (then ``layer_types`` names "sliding_attention").
+        """
+        window = self.get("sliding_window")
+        layer_types = self.get("layer_types")
+        if self.get("use_sliding_window") is False or (layer_types and "sliding_attention" not in layer_types):
+            return None
+        return int(window) if window else None
 
 
 @dataclass
@@ -129,12 +144,18 @@ def derive_max_model_len(hf_config: HFConfig, requested: int | None) -> int:
         if hf_config.get(key):
             limit = int(hf_config[key])
             break
-    rope = hf_config.rope_parameters()
+    rope = hf_config.rope_settings()
     if limit is not None and rope["rope_type"] not in ("default", "llama3") and rope.get("factor"):
         limit = int(limit * rope["factor"])  # linear, dynamic and yarn stretch the trained window
+    window = hf_config.attention_window()
     if requested is None:
         if limit is None:
             raise ValueError("config.json gives no max_position_embeddings; set max_model_len")
+        if window is not None and window < limit:
+            # No backend implements sliding-window attention yet; within the
+            # window it is plain causal attention, so cap the length there.
+            logger.warning("max_model_len capped to the sliding window (%d tokens)", window)
+            return window
         return limit
     if limit is not None and requested > limit:
         raise ValueError(

@@ -1,0 +1,57 @@
+"""RMSNorm with an optional fused residual add."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from framework.layers.context import LayerContext
+from framework.layers.weight_loading import default_weight_loader
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm as in Hugging Face's ``LlamaRMSNorm``.
+
+    The statistics are computed in float32 and the normalised activations are
+    cast back to the input dtype before the weight multiplies them, so the
+    result matches transformers bit for bit in the same dtype.
+
+    Args:
+        hidden_size: size of the last dimension.
+        eps: added to the mean square before the reciprocal square root.
+        ctx: the layer context (dtype, device).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, ctx: LayerContext | None = None):
+        super().__init__()
+        ctx = ctx or LayerContext()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=ctx.dtype, device=ctx.device), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        xf = x.to(torch.float32)
+        variance = xf.pow(2).mean(-1, keepdim=True)
+        xf = xf * torch.rsqrt(variance + self.eps)
+        return self.weight * xf.to(input_dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalise ``x``, or ``x + residual`` when a residual is given.
+
+        Returns:
+            ``norm(x)`` when ``residual`` is None, else the pair
+            ``(norm(x + residual), x + residual)``: the second item is the new
+            residual stream. The sum is taken in the input dtype, as the
+            transformers decoder layer does.
+        """
+        if residual is None:
+            return self._norm(x)
+        summed = x + residual
+        return self._norm(summed), summed
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}"
