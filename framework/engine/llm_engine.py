@@ -103,10 +103,9 @@ class LLMEngine:
             budget = int(total * config.gpu_memory_utilization) - (total - free_before) - peak
             source = f"gpu_memory_utilization={config.gpu_memory_utilization} (peak {peak / 2**30:.2f} GiB)"
         else:
-            # CPU default: no more than the engine could ever use.
-            budget = min(DEFAULT_CPU_KV_BYTES, config.max_num_seqs * blocks_per_seq * block_bytes)
-            source = "the CPU default KV-cache size"
-        num_blocks = max(0, budget // block_bytes)
+            budget, source = DEFAULT_CPU_KV_BYTES, "the CPU default KV-cache size"
+        # Never more blocks than max_num_seqs sequences of max_model_len can use.
+        num_blocks = max(0, min(budget // block_bytes, config.max_num_seqs * blocks_per_seq))
         capacity = num_blocks * config.block_size
         if capacity < mc.max_model_len:
             raise ValueError(

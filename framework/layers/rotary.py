@@ -48,7 +48,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.rotary_dim, self.max_positions = head_dim, rotary_dim, max_positions
         # Same arithmetic as transformers (position.float() * inv_freq in float32, then cos/sin),
         # done on the CPU so the table does not depend on the device's math library.
-        freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq.float().cpu()[None, :]
+        freqs = torch.arange(max_positions, dtype=torch.int64, device="cpu").float()[:, None] * inv_freq.float().cpu()[None, :]
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [P, rotary_dim]: cos half | sin half
         self.register_buffer("inv_freq", inv_freq.float().to(device), persistent=False)
         self.register_buffer("cos_sin_cache", cache.to(device=device, dtype=dtype), persistent=False)
@@ -80,7 +80,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def _default(base: float, dim: int, params: dict, max_position: int, max_model_len: int) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
 
 
 def _linear(base: float, dim: int, params: dict, max_position: int, max_model_len: int) -> torch.Tensor:
