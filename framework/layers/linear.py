@@ -107,6 +107,16 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_method.apply(self, x, self.bias)
 
+    def _load_rank_slice(self, param, loaded_weight, dim: int | None) -> None:
+        """Copy this rank's slice along ``dim`` of the full tensor (``dim`` None: the whole tensor)."""
+        if dim is None:
+            return default_weight_loader(param, loaded_weight)
+        size = param.shape[dim]
+        expected = list(param.shape)
+        expected[dim] = size * self.tp_size
+        check_shape(param, loaded_weight, tuple(expected))
+        copy_into(param.data, loaded_weight.narrow(dim, self.tp_rank * size, size))
+
     def extra_repr(self) -> str:
         return (
             f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}, "
@@ -125,14 +135,7 @@ class ColumnParallelLinear(LinearBase):
     def weight_loader(self, param, loaded_weight, shard_id=None):
         if shard_id is not None:
             raise ValueError(f"{describe(param)} is not fused; got shard {shard_id!r}")
-        dim = getattr(param, "output_dim", None)
-        if dim is None:
-            return default_weight_loader(param, loaded_weight)
-        size = param.shape[dim]
-        expected = list(param.shape)
-        expected[dim] = size * self.tp_size
-        check_shape(param, loaded_weight, tuple(expected))
-        copy_into(param.data, loaded_weight.narrow(dim, self.tp_rank * size, size))
+        self._load_rank_slice(param, loaded_weight, getattr(param, "output_dim", None))
 
 
 class FusedColumnParallelLinear(ColumnParallelLinear):
@@ -252,14 +255,8 @@ class RowParallelLinear(LinearBase):
     def weight_loader(self, param, loaded_weight, shard_id=None):
         if shard_id is not None:
             raise ValueError(f"{describe(param)} is not fused; got shard {shard_id!r}")
-        dim = getattr(param, "input_dim", None)
-        if dim is None:  # replicated: the bias, per-channel scales
-            return default_weight_loader(param, loaded_weight)
-        size = param.shape[dim]
-        expected = list(param.shape)
-        expected[dim] = size * self.tp_size
-        check_shape(param, loaded_weight, tuple(expected))
-        copy_into(param.data, loaded_weight.narrow(dim, self.tp_rank * size, size))
+        # input_dim None: replicated (the bias, per-channel scales)
+        self._load_rank_slice(param, loaded_weight, getattr(param, "input_dim", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
