@@ -1,0 +1,1 @@
+"""``framework bench``: throughput and latency benchmarks in vLLM's conventions."""

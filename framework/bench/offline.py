@@ -1,0 +1,101 @@
+"""``framework bench throughput`` and ``framework bench latency`` (offline, one engine)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from framework.bench.datasets import random_requests, sharegpt_requests
+from framework.entrypoints.cli_args import add_engine_args, engine_config_from_args
+from framework.sampling_params import SamplingParams
+
+
+def add_throughput_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    parser.add_argument("--dataset", default="random", help="'random' or a ShareGPT-format JSON file")
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--input-len-range", type=int, nargs=2, default=[64, 1024], metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len-range", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"))
+    parser.add_argument("--dataset-seed", type=int, default=0)
+    parser.add_argument("--output-json", default=None, help="write the results here")
+
+
+def add_latency_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-iters", type=int, default=3)
+    parser.add_argument("--output-json", default=None)
+
+
+def run_throughput(args: argparse.Namespace) -> dict:
+    from framework.entrypoints.llm import LLM
+
+    llm = LLM(config=engine_config_from_args(args))
+    if args.dataset == "random":
+        vocab = llm.engine.model_config.vocab_size
+        requests = random_requests(args.num_prompts, tuple(args.input_len_range), tuple(args.output_len_range),
+                                   vocab, args.dataset_seed)  # fmt: skip
+    else:
+        requests = sharegpt_requests(args.dataset, args.num_prompts, llm.get_tokenizer(),
+                                     llm.engine.model_config.max_model_len, args.dataset_seed)  # fmt: skip
+    params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+    llm.generate([requests[0].prompt], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate([r.prompt for r in requests], params)
+    elapsed = time.perf_counter() - start
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    result = {
+        "elapsed_time": round(elapsed, 3),
+        "num_requests": len(requests),
+        "total_num_tokens": prompt_tokens + output_tokens,
+        "requests_per_second": round(len(requests) / elapsed, 3),
+        "tokens_per_second": round((prompt_tokens + output_tokens) / elapsed, 1),
+        "output_tokens_per_second": round(output_tokens / elapsed, 1),
+        "num_preemptions": llm.engine.num_preemptions,
+    }
+    print(
+        f"Throughput: {result['requests_per_second']:.2f} requests/s, {result['tokens_per_second']:.2f} "
+        f"total tokens/s, {result['output_tokens_per_second']:.2f} output tokens/s"
+    )
+    _write(args.output_json, result)
+    return result
+
+
+def run_latency(args: argparse.Namespace) -> dict:
+    from framework.entrypoints.llm import LLM
+
+    llm = LLM(config=engine_config_from_args(args))
+    vocab = llm.engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    rows = []
+    for batch_size in args.batch_sizes:
+        prompts = [r.prompt for r in random_requests(batch_size, (args.input_len,) * 2, (1, 1), vocab)]
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up at this batch size
+        times = []
+        for _ in range(args.num_iters):
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            times.append(time.perf_counter() - start)
+        latency = statistics.median(times)
+        row = {
+            "batch_size": batch_size,
+            "latency_s": round(latency, 4),
+            "ms_per_output_token": round(latency / args.output_len * 1e3, 3),
+            "output_tokens_per_second": round(batch_size * args.output_len / latency, 1),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    result = {"input_len": args.input_len, "output_len": args.output_len, "results": rows}
+    _write(args.output_json, result)
+    return result
+
+
+def _write(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2))
