@@ -26,8 +26,16 @@ from framework.engine.block_pool import KVCacheManager
 from framework.engine.input_batch import prepare_batch
 from framework.engine.sampling_inputs import build_sampling_metadata
 from framework.engine.scheduler import Scheduler
-from framework.engine.sequence import Sequence
+from framework.engine.sequence_group import SequenceGroup
 from framework.sampling_params import SamplingParams
+
+
+class _Plain:
+    """The attributes of a one-sequence decoding strategy (what the scheduler reads)."""
+
+    fanout = max_width = 1
+    num_top_logprobs = 0
+    uses_processed_logprobs = False
 
 
 def bench(num_seqs: int, steps: int, prompt_len: int, block_size: int) -> dict:
@@ -36,9 +44,11 @@ def bench(num_seqs: int, steps: int, prompt_len: int, block_size: int) -> dict:
     # A budget that prefills every prompt in the first step, so no sequence decodes during warm-up.
     sched = Scheduler(kv, max_num_seqs=num_seqs, max_num_batched_tokens=num_seqs * (prompt_len + 64))
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=None)
-    seqs = [Sequence(str(i), None, [1] * (prompt_len + i % 64), params) for i in range(num_seqs)]
-    for s in seqs:
-        sched.add(s)
+    groups = [SequenceGroup(str(i), None, [1] * (prompt_len + i % 64), params) for i in range(num_seqs)]
+    for g in groups:
+        g.attach(_Plain())
+        sched.add(g)
+    seqs = [g.seqs[0] for g in groups]
     # Warm-up: prefill everything, so the timed steps are pure decode at N sequences.
     while any(s.num_output_tokens == 0 for s in seqs):
         _advance(sched.schedule())
@@ -51,7 +61,7 @@ def bench(num_seqs: int, steps: int, prompt_len: int, block_size: int) -> dict:
         t2 = time.perf_counter()
         for array in (prepared.input_ids, prepared.positions, prepared.slot_mapping, prepared.block_tables):
             torch.from_numpy(array)
-        build_sampling_metadata(prepared.sample_seqs, 128256, torch.device("cpu"))
+        build_sampling_metadata(prepared.sample_seqs, 128256, torch.device("cpu"), frozenset({2}))
         t3 = time.perf_counter()
         _advance(batch)
         t4 = time.perf_counter()

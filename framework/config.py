@@ -47,6 +47,7 @@ class EngineConfig(BaseModel):
     quantization: str | None = Field(None, description="quantization method (default: from the checkpoint)")
     kv_cache_dtype: str = Field("auto", description="KV-cache dtype; auto: the model dtype")
     seed: int = Field(0, description="seed of the random state for requests without their own seed")
+    max_logprobs: int = Field(20, ge=0, description="largest logprobs / prompt_logprobs a request may ask for")
     load_format: Literal["safetensors", "dummy"] = Field(
         "safetensors", description="safetensors: the checkpoint; dummy: random weights of the model's shape"
     )

@@ -91,12 +91,22 @@ def register_samplers(register):
 
     Fires once per process (start-up).
 
-    :param register: ``register(name, target)``; ``target`` implements
-        ``framework.interfaces.Sampler`` (constructed with no arguments, then
-        called once per step with the logits of every sampled position and a
-        ``framework.sampling_metadata.SamplingMetadata``).
+    :param register: ``register(name, target)``; ``target`` (a class or a
+        lazy ``"module:Class"`` string) is one of:
 
-    The return value is ignored.
+        * a ``framework.interfaces.Sampler`` subclass: token level,
+          constructed once per engine with no arguments, then called each
+          step with the logits of the rows whose request names it
+          (``SamplingParams.sampler``; built in: ``"standard"``) and a
+          ``framework.sampling_metadata.SamplingMetadata``;
+        * a ``framework.interfaces.DecodingStrategy`` subclass: request
+          level, constructed per request as ``Class(params, ops)`` when the
+          request names it (``SamplingParams.strategy``; built in:
+          ``"parallel"``, ``"beam_search"``).
+
+    The return value is ignored. A request naming something that is not
+    registered, or of the wrong kind, is a ``ValueError`` that lists the
+    installed ones.
     """
 
 

@@ -2,7 +2,8 @@
 
 * model architectures: ``CausalLM`` (a protocol; any ``nn.Module`` with these
   methods works);
-* samplers: ``Sampler``;
+* samplers: ``Sampler`` (token level) and ``DecodingStrategy`` (request
+  level, with the ``SequenceOps`` the engine gives it);
 * quantizers: ``QuantConfig`` and the ``LinearMethod`` it hands to layers;
 * attention backends: ``framework.attention.AttentionBackend``.
 """
@@ -44,7 +45,12 @@ class CausalLM(Protocol):
 
 
 class Sampler:
-    """Turns one step's logits into tokens (registered via ``register_samplers``)."""
+    """Turns one step's logits into tokens (registered via ``register_samplers``).
+
+    Token level and batched: one call samples every row of the step whose
+    request names this sampler (``SamplingParams.sampler``, default
+    ``"standard"``). Constructed once per engine with no arguments.
+    """
 
     name: ClassVar[str] = ""
 
@@ -52,11 +58,97 @@ class Sampler:
         """Sample one token per row.
 
         Args:
-            logits: ``[N, vocab]`` float32 raw logits of the rows that sample.
-            metadata: per-row parameters as device tensors.
+            logits: ``[N, vocab]`` float32 raw logits of the rows that sample
+                (not to be modified in place).
+            metadata: per-row parameters as device tensors: temperature and
+                the filters, per-request generators, penalties, logit bias,
+                ``min_tokens`` bans and how many top logprobs to return.
         Returns:
-            ``SamplerOutput`` on the device; no host sync inside.
+            ``SamplerOutput`` on the device; no host sync inside (no
+            ``.item()``, ``.tolist()``, ``.cpu()``).
         """
+        raise NotImplementedError
+
+
+class SequenceOps(Protocol):
+    """What the engine lets a ``DecodingStrategy`` do to its request's sequences.
+
+    A sequence is a ``framework.engine.sequence.Sequence``: ``token_ids``
+    (prompt + generated), ``output_token_ids``, ``cumulative_logprob``,
+    ``index``, ``is_finished``. Live sequences hold KV-cache blocks.
+    """
+
+    seqs: list  # the request's sequences, in the strategy's order
+    stop_token_ids: frozenset[int]  # EOS (unless ignore_eos) and SamplingParams.stop_token_ids
+    max_output_tokens: int  # max_tokens, capped by max_model_len - prompt length
+
+    def fork(self, seq) -> Any:
+        """A new live sequence with ``seq``'s tokens; it shares ``seq``'s KV blocks (copy on write)."""
+
+    def copy(self, seq) -> Any:
+        """A detached copy of ``seq`` (no KV blocks, never scheduled): e.g. a finished beam hypothesis."""
+
+    def keep(self, seqs: list) -> None:
+        """Make ``seqs`` the request's sequences, in this order; free every other live one."""
+
+    def append(self, seq, token_id: int, logprob: float, sample=None, check_stop: bool = True) -> None:
+        """Append a token. With ``check_stop`` the standard stop rules run (EOS, stop ids and strings,
+        max_tokens, max_model_len) and may finish ``seq``; ``sample`` (its row's ``SampledToken``)
+        supplies the top logprobs when the request asked for them."""
+
+    def finish(self, seq, reason: str, stop_reason: int | str | None = None) -> None:
+        """Mark ``seq`` finished ("stop" / "length") and free its KV blocks."""
+
+    def decode(self, seq) -> str:
+        """The text of ``seq``'s generated tokens."""
+
+
+class DecodingStrategy:
+    """How one request turns each step's samples into its output sequences.
+
+    Registered through ``register_samplers`` like a ``Sampler`` and chosen per
+    request by ``SamplingParams.strategy_name`` (built in: ``"parallel"`` for
+    n / best_of sampling, ``"beam_search"``). One instance per request,
+    constructed as ``Strategy(params, ops)`` with the request's
+    ``SamplingParams`` and its ``SequenceOps``. Life of a request:
+
+    1. the prompt is computed once, as one sequence;
+    2. at the step that samples its first token, ``fanout`` sequences sample
+       from the prompt's last logits row: the engine forks ``fanout - 1``
+       children sharing the prompt's KV blocks, each with its own seed;
+    3. every later step, all live sequences of the request sample together
+       (the scheduler never samples part of a request) and ``step`` gets
+       one ``SampledToken`` per live sequence, in ``ops.seqs`` order;
+    4. when ``is_finished()``, the engine frees what is left and reports
+       ``outputs()``.
+
+    Class or instance attributes the engine reads after construction:
+    ``fanout``; ``max_width`` (the most live sequences at once, counted
+    against ``max_num_seqs``); ``num_top_logprobs`` (top logprobs each of its
+    rows needs from the sampler); ``uses_processed_logprobs`` (its rows'
+    logprobs come from the processed logits, see ``SamplingMetadata``).
+    """
+
+    name: ClassVar[str] = ""
+    fanout: int = 1
+    max_width: int = 1
+    num_top_logprobs: int = 0
+    uses_processed_logprobs: bool = False
+
+    def __init__(self, params: Any, ops: SequenceOps):
+        self.params = params
+        self.ops = ops
+
+    def step(self, samples: list) -> None:
+        """Apply one step's samples (``framework.engine.step_results.SampledToken``: ``seq``,
+        ``token_id``, ``logprob``, ``rank``, ``top`` = [(token id, logprob)], most likely first)."""
+        raise NotImplementedError
+
+    def is_finished(self) -> bool:
+        raise NotImplementedError
+
+    def outputs(self) -> list:
+        """The sequences to report, best first; ``CompletionOutput.index`` is the position here."""
         raise NotImplementedError
 
 

@@ -17,11 +17,14 @@ class Logprob:
 
 # One dict per generated token: token id -> Logprob (sampled token + top ones).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first, then as SampleLogprobs.
+PromptLogprobs = list[Optional[dict[int, Logprob]]]
 
 
 @dataclass
 class CompletionOutput:
-    """One generated sequence of a request."""
+    """One generated sequence of a request (``index`` 0..n-1; with best_of > n or
+    beam search, outputs are ranked best first)."""
 
     index: int
     text: str
@@ -52,6 +55,7 @@ class RequestOutput:
     request_id: str
     prompt: Optional[str]
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
+    outputs: list[CompletionOutput]  # n of them once finished
     finished: bool
     metrics: Optional[RequestMetrics] = field(default=None, repr=False)
+    prompt_logprobs: Optional[PromptLogprobs] = None  # when SamplingParams.prompt_logprobs is set

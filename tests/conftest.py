@@ -9,5 +9,12 @@ import os
 
 os.environ["FRAMEWORK_PLUGINS"] = ""
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+# One intra-op thread: tiny models gain nothing from more, and on a shared
+# 2-core machine more threads make timings swing wildly.
+torch.set_num_threads(1)

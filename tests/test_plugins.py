@@ -179,5 +179,8 @@ def test_cli_lists_builtin_and_third_party_plugins():
         ).stdout
     )
     by_name = {p["name"]: p for p in listing}
-    assert by_name["kernels"]["attention_backends"] == {"torch": "plugins.kernels.torch_paged:TorchPagedAttention"}
+    assert by_name["kernels"]["attention_backends"] == {
+        "torch": "plugins.kernels.torch_paged:TorchPagedAttention",
+        "triton": "plugins.kernels.triton_paged:TritonPagedAttention",
+    }
     assert by_name["example"]["builtin"] is False

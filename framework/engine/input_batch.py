@@ -5,16 +5,32 @@ concatenated. Decodes (one new token) are put first so that attention
 backends can treat them as one dense batch. The sampled positions are the last
 new token of each sequence that catches up with its known tokens this step
 (a prefill chunk that stops short of the prompt's end samples nothing).
+
+Logits rows, in this order: the S0 sampled positions, then the prompt
+positions of requests that asked for ``prompt_logprobs``. The sampler gets
+``sample_rows`` of the first part: row i of the sampler is logits row
+``sample_rows[i]``, so a child forked this step reuses its parent's row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from framework.engine.scheduler import ScheduledBatch
 from framework.engine.sequence import Sequence
+from framework.engine.sequence_group import SequenceGroup
+
+
+@dataclass
+class PromptLogprobRows:
+    """Prompt positions whose next-token logprobs a step computes."""
+
+    hidden_rows: np.ndarray  # [R] int64, rows of the hidden states
+    targets: np.ndarray  # [R] int64, the next prompt token at each row
+    owners: list[tuple[SequenceGroup, int]] = field(default_factory=list)  # (request, its row count), in row order
+    num_top: int = 0  # top logprobs per row (largest request)
 
 
 @dataclass
@@ -27,8 +43,10 @@ class PreparedBatch:
     seq_lens: np.ndarray  # [B] int32, cached + new tokens
     query_start_loc: np.ndarray  # [B + 1] int32
     num_decodes: int
-    logits_indices: np.ndarray  # [S] int64, rows of the hidden states that sample
-    sample_seqs: list[Sequence]  # the S sequences that get a token, in row order
+    logits_indices: np.ndarray  # [S0] int64, rows of the hidden states that sample
+    sample_seqs: list[Sequence]  # the S sequences that get a token, in sampler-row order
+    sample_rows: np.ndarray | None = None  # [S] int64 logits row of each sample seq; None: 0..S-1
+    prompt_logprobs: PromptLogprobRows | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +89,8 @@ def prepare_batch(batch: ScheduledBatch, block_size: int) -> PreparedBatch:
     samples = seq_lens == totals
     logits_indices = query_start_loc[1:][samples] - 1
     sample_seqs = [s for s, sampled in zip(seqs, samples.tolist()) if sampled]
+    sample_rows = _fork_rows(batch, sample_seqs)
+    prompt_rows = _prompt_logprob_rows(seqs, starts, query_lens, query_start_loc)
     return PreparedBatch(
         seqs=seqs,
         input_ids=input_ids,
@@ -82,4 +102,42 @@ def prepare_batch(batch: ScheduledBatch, block_size: int) -> PreparedBatch:
         num_decodes=len(decodes),
         logits_indices=logits_indices,
         sample_seqs=sample_seqs,
+        sample_rows=sample_rows,
+        prompt_logprobs=prompt_rows,
     )
+
+
+def _fork_rows(batch: ScheduledBatch, sample_seqs: list[Sequence]) -> np.ndarray | None:
+    """Append the children forked this step to ``sample_seqs``; each samples from its parent's row."""
+    if not batch.forks:
+        return None
+    row_of = {id(s): i for i, s in enumerate(sample_seqs)}
+    rows = list(range(len(sample_seqs)))
+    for parent, child in batch.forks:
+        rows.append(row_of[id(parent)])
+        sample_seqs.append(child)
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _prompt_logprob_rows(seqs, starts, query_lens, query_start_loc) -> PromptLogprobRows | None:
+    """Rows of prompt positions p whose next token p + 1 still lacks its prompt logprob."""
+    hidden_rows: list[np.ndarray] = []
+    targets: list[int] = []
+    owners: list[tuple[SequenceGroup, int]] = []
+    num_top = 0
+    for i, seq in enumerate(seqs):
+        group = seq.group
+        if group is None or not group.needs_prompt_logprobs:
+            continue
+        # positions p in this step's chunk with len(done) - 1 <= p <= num_prompt - 2
+        first = max(int(starts[i]), len(group.prompt_logprobs) - 1)
+        last = min(int(starts[i] + query_lens[i]), seq.num_prompt_tokens - 1)
+        if last <= first:
+            continue
+        hidden_rows.append(np.arange(first, last) - starts[i] + query_start_loc[i])
+        targets.extend(seq.token_ids[first + 1 : last + 1])
+        owners.append((group, last - first))
+        num_top = max(num_top, group.params.prompt_logprobs)
+    if not owners:
+        return None
+    return PromptLogprobRows(np.concatenate(hidden_rows), np.asarray(targets, dtype=np.int64), owners, num_top)

@@ -1,7 +1,8 @@
 """``LLMEngine``: requests in, ``RequestOutput``s out, one step at a time.
 
 A step is three moves: the scheduler picks the batch, the model runner runs
-it, the output processor applies the sampled tokens.
+it, and each request's decoding strategy applies its sampled tokens (through
+the output processor's stop rules).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from framework.config import EngineConfig
 from framework.engine.block_pool import KVCacheManager
 from framework.engine.model_runner import ModelRunner
 from framework.engine.output_processor import OutputProcessor
+from framework.engine.request_params import check_params, seed_generators
 from framework.engine.scheduler import Scheduler
-from framework.engine.sequence import Sequence
+from framework.engine.sequence_group import SequenceGroup
+from framework.engine.sequence_ops import GroupOps
+from framework.engine.step_results import SampledToken
 from framework.model_config import (
     HFConfig,
     ModelConfig,
@@ -57,7 +61,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer, self.model_config.eos_token_ids, self.model_config.max_model_len)
-        self._seqs: dict[str, Sequence] = {}
+        self._groups: dict[str, SequenceGroup] = {}
         self._request_counter = itertools.count()
 
     # -- construction --------------------------------------------------------
@@ -134,16 +138,20 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, not {type(params).__name__}")
         request_id = str(next(self._request_counter)) if request_id is None else request_id
-        if request_id in self._seqs:
+        if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        strategy_cls = check_params(params, self.config, self.model_config, self.registries)
         text, token_ids = self._tokenize(prompt)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, text, token_ids, params, arrival_time, generator)
-        self._seqs[request_id] = seq
-        self.outputs.add(seq)
-        self.scheduler.add(seq)
+        group = SequenceGroup(request_id, text, token_ids, params, arrival_time, seed_generators(params, self.device))
+        ops = GroupOps(group, self.kv, self.outputs, self.model_config.max_model_len)
+        group.attach(strategy_cls(params, ops))
+        if group.max_width > self.config.max_num_seqs:
+            raise ValueError(
+                f"SamplingParams.best_of={params.best_of}: strategy {params.strategy_name!r} needs {group.max_width} "
+                f"sequences at once, more than max_num_seqs={self.config.max_num_seqs}"
+            )
+        self._groups[request_id] = group
+        self.scheduler.add(group)
         return request_id
 
     def _tokenize(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
@@ -170,9 +178,9 @@ class LLMEngine:
         """Stop requests now and free their KV blocks; returns their final outputs."""
         ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
         outputs = []
-        for seq in self.scheduler.abort(ids):
-            self.outputs.abort(seq)
-            outputs.append(self._release(seq))
+        for group in self.scheduler.abort(ids):
+            self.outputs.abort(group)
+            outputs.append(self._release(group))
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -189,31 +197,51 @@ class LLMEngine:
         if not batch.seqs:
             return []
         now = time.monotonic()
-        for seq in batch.seqs:
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-        samples = self.runner.execute(batch)
+        for group in batch.groups:
+            if group.first_scheduled_time is None:
+                group.first_scheduled_time = now
+        result = self.runner.execute(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+        for group, entries in result.prompt_logprobs:
+            self.outputs.prompt_logprobs(group, entries)
         outputs, finished = [], []
-        for sample in samples:
-            self.outputs.append(sample)
-            if sample.seq.is_finished:
-                finished.append(sample.seq)
+        for group, samples in _by_request(result.samples):
+            if group.first_token_time is None:
+                group.first_token_time = time.monotonic()
+            group.sampled = True
+            group.strategy.step(samples)
+            if group.is_finished():
+                finished.append(group)
             else:
-                outputs.append(self.outputs.request_output(sample.seq))
+                outputs.append(self.outputs.request_output(group))
         self.scheduler.finish(finished)
-        outputs += [self._release(seq) for seq in finished]
+        outputs += [self._release(group) for group in finished]
         return outputs
 
-    def _release(self, seq: Sequence) -> RequestOutput:
-        self._seqs.pop(seq.request_id, None)
-        self.outputs.drop(seq)
-        return self.outputs.request_output(seq)
+    def _release(self, group: SequenceGroup) -> RequestOutput:
+        self._groups.pop(group.request_id, None)
+        if group.finished_time is None:
+            group.finished_time = time.monotonic()
+        for seq in group.seqs:
+            self.outputs.drop(seq)
+        return self.outputs.request_output(group)
 
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
+
+
+def _by_request(samples: list[SampledToken]) -> list[tuple[SequenceGroup, list[SampledToken]]]:
+    """The step's samples per request, each list in the order of the request's ``seqs``."""
+    groups: dict[int, tuple[SequenceGroup, list[SampledToken]]] = {}
+    for sample in samples:
+        group = sample.seq.group
+        groups.setdefault(id(group), (group, []))[1].append(sample)
+    for group, group_samples in groups.values():
+        order = {id(seq): i for i, seq in enumerate(group.seqs)}
+        group_samples.sort(key=lambda s: order[id(s.seq)])
+    return list(groups.values())
 
 
 def _resolve_device(name: str) -> torch.device:

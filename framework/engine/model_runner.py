@@ -1,16 +1,17 @@
 """The model runner: the only place where a step's batch becomes tensors.
 
-It owns the model, the KV cache and the sampler. ``execute`` takes a
-``ScheduledBatch``, flattens it (``input_batch.prepare_batch``), runs the
-model on the new tokens only, computes logits only at the sampled rows, samples
-on the device and copies the results to the host once.
+It owns the model, the KV cache and the samplers. ``execute`` takes a
+``ScheduledBatch``, performs its copy-on-write block copies, flattens it
+(``input_batch.prepare_batch``), runs the model on the new tokens only,
+computes logits only at the sampled rows (and at the prompt positions of
+requests that asked for ``prompt_logprobs``), samples on the device -- each
+row with the sampler its request names -- and copies the results to the host
+once (``step_results``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -18,11 +19,13 @@ import torch
 from framework.attention import BatchInputs
 from framework.config import EngineConfig
 from framework.engine.backend_selection import select_attention_backend
-from framework.engine.input_batch import PreparedBatch, prepare_batch
+from framework.engine.input_batch import PreparedBatch, PromptLogprobRows, prepare_batch
 from framework.engine.sampling_inputs import build_sampling_metadata
 from framework.engine.scheduler import ScheduledBatch
 from framework.engine.sequence import Sequence
+from framework.engine.step_results import StepResult, pack_rows, unpack
 from framework.forward_context import set_forward_context
+from framework.interfaces import Sampler
 from framework.layers.attention import Attention
 from framework.layers.context import LayerContext
 from framework.model_config import ModelConfig
@@ -30,17 +33,6 @@ from framework.model_loader import init_dummy_weights, load_weights
 from framework.registry import Registries
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SampledToken:
-    """What one sequence got this step (host values)."""
-
-    seq: Sequence
-    token_id: int
-    logprob: float
-    rank: Optional[int] = None
-    top: Optional[list[tuple[int, float]]] = None  # (token id, logprob), most likely first
 
 
 class ModelRunner:
@@ -68,7 +60,10 @@ class ModelRunner:
         else:
             load_weights(self.model, model_config.path)
         self.model.eval()
-        self.sampler = registries.samplers.get("standard")()
+        self.registries = registries
+        self.samplers: dict[str, Sampler] = {}  # by name, made on first use
+        self.eos_token_ids = frozenset(model_config.eos_token_ids)
+        self.block_dim = _block_dim(self.backend, model_config)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_cache: torch.Tensor | None = None
         logger.info("model %s loaded on %s; attention backend %r", model_config.architecture, device, self.backend.name)
@@ -123,35 +118,85 @@ class ModelRunner:
             positions=dev(prepared.positions),
         )
 
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: ``kv_cache[..., dst, ...] = kv_cache[..., src, ...]`` in every layer, all at once."""
+        if not copies:
+            return
+        dim = self.block_dim + 1  # the cache tensor stacks the layers in front
+        src = torch.tensor([s for s, _ in copies], dtype=torch.int64).to(self.device, non_blocking=True)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.int64).to(self.device, non_blocking=True)
+        self.kv_cache.index_copy_(dim, dst, self.kv_cache.index_select(dim, src))  # reads before writes
+
+    def sampler(self, name: str) -> Sampler:
+        if name not in self.samplers:
+            self.samplers[name] = self.registries.samplers.get(name)()
+        return self.samplers[name]
+
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        self._copy_blocks(batch.block_copies)
         prepared = prepare_batch(batch, self.block_size)
         inputs = self._batch_inputs(prepared)
         metadata = self.backend.build_metadata(inputs)
         input_ids = torch.from_numpy(prepared.input_ids).to(self.device, non_blocking=True)
         with set_forward_context(metadata):
             hidden = self.model(input_ids, inputs.positions)
-        if not prepared.sample_seqs:
-            return []
-        rows = torch.from_numpy(prepared.logits_indices).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden[rows])
-        sampling = build_sampling_metadata(prepared.sample_seqs, logits.shape[-1], self.device)
-        out = self.sampler(logits, sampling)
-        return _to_host(prepared.sample_seqs, out, sampling.max_num_logprobs)
+        prompt = prepared.prompt_logprobs
+        if not prepared.sample_seqs and prompt is None:
+            return StepResult()
+        rows = prepared.logits_indices
+        if prompt is not None:
+            rows = np.concatenate([rows, prompt.hidden_rows])
+        logits = self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device, non_blocking=True)])
+        num_sampled = len(prepared.logits_indices)
+        vocab = logits.shape[-1]
+        num_top = min(vocab, max((s.group.num_top_logprobs for s in prepared.sample_seqs), default=0))
+        width = max(num_top, prompt.num_top if prompt is not None else 0)
+        blocks = []
+        if prepared.sample_seqs:
+            blocks.append(self._sample(logits[:num_sampled], prepared, num_top, width))
+        if prompt is not None:
+            blocks.append(_prompt_logprobs(logits[num_sampled:], prompt, width, self.device))
+        return unpack(torch.cat(blocks), width, prepared.sample_seqs, num_top, prompt)
+
+    def _sample(self, logits: torch.Tensor, prepared: PreparedBatch, num_top: int, width: int) -> torch.Tensor:
+        """Packed rows of every sampled sequence; rows are split by the sampler their request names."""
+        seqs = prepared.sample_seqs
+        if prepared.sample_rows is not None:  # children forked this step share their parent's row
+            logits = logits[torch.from_numpy(prepared.sample_rows).to(self.device, non_blocking=True)]
+        names = [s.params.sampler for s in seqs]
+        if len(set(names)) == 1:
+            return self._sample_with(names[0], logits, seqs, num_top, width)
+        block = torch.empty(len(seqs), 3 + 2 * width, dtype=torch.float64, device=self.device)
+        for name in dict.fromkeys(names):
+            index = [i for i, n in enumerate(names) if n == name]
+            rows = torch.tensor(index, dtype=torch.int64).to(self.device, non_blocking=True)
+            block[rows] = self._sample_with(name, logits[rows], [seqs[i] for i in index], num_top, width)
+        return block
+
+    def _sample_with(self, name: str, logits: torch.Tensor, seqs: list[Sequence], num_top: int, width: int):
+        metadata = build_sampling_metadata(seqs, logits.shape[-1], self.device, self.eos_token_ids, num_top)
+        out = self.sampler(name)(logits, metadata)
+        return pack_rows(out.token_ids, out.logprobs, out.ranks, out.top_token_ids, out.top_logprobs, width)
 
 
-def _to_host(seqs: list[Sequence], out, num_top: int) -> list[SampledToken]:
-    """Pack every result into one float64 tensor and copy it to the host once."""
-    columns = [out.token_ids.double()[:, None], out.logprobs.double()[:, None]]
-    if num_top:
-        columns += [out.ranks.double()[:, None], out.top_token_ids.double(), out.top_logprobs.double()]
-    rows = torch.cat(columns, dim=1).tolist()
-    results = []
-    for seq, row in zip(seqs, rows):
-        sample = SampledToken(seq, int(row[0]), row[1])
-        if num_top:
-            sample.rank = int(row[2])
-            ids, lps = row[3 : 3 + num_top], row[3 + num_top :]
-            sample.top = [(int(i), lp) for i, lp in zip(ids, lps)]
-        results.append(sample)
-    return results
+def _prompt_logprobs(logits: torch.Tensor, prompt: PromptLogprobRows, width: int, device) -> torch.Tensor:
+    """Packed rows: the raw logprob and rank of each next prompt token, and the top ``prompt.num_top``."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.from_numpy(prompt.targets).to(device, non_blocking=True)
+    chosen = logprobs.gather(1, targets.unsqueeze(1))
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_logprobs = top_ids = None
+    if prompt.num_top:
+        top_logprobs, top_ids = logprobs.topk(prompt.num_top, dim=-1)
+    return pack_rows(targets, chosen.squeeze(1), ranks, top_ids, top_logprobs, width)
+
+
+def _block_dim(backend: type, mc: ModelConfig) -> int:
+    """The axis of one layer's KV cache that indexes blocks (the one that changes with num_blocks)."""
+    a = backend.kv_cache_shape(2, mc.block_size, mc.num_kv_heads, mc.head_dim)
+    b = backend.kv_cache_shape(3, mc.block_size, mc.num_kv_heads, mc.head_dim)
+    dims = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    if len(dims) != 1:
+        raise ValueError(f"attention backend {backend.name!r}: kv_cache_shape has no single block axis ({a} vs {b})")
+    return dims[0]

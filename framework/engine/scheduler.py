@@ -5,14 +5,28 @@ There is no prefill phase and no decode phase. Each sequence has
 tokens so that it catches up with ``num_tokens``: one for a decode, up to the
 whole prompt for a fresh request, or a chunk of it when the step's token
 budget (``max_num_batched_tokens``) runs out -- chunked prefill falls out of
-this. At most ``max_num_seqs`` sequences are running.
+this.
+
+The scheduler admits and preempts requests (``SequenceGroup``s), and
+schedules their sequences. Rules:
+  * at most ``max_num_seqs`` sequences run; a request counts with its
+    strategy's width (n / best_of / beam width) from admission on;
+  * all live sequences of a request sample in the same step: either every
+    one of them reaches its end this step, or each is given a chunk that
+    stops short of its end (``_plan``);
+  * at the step where a request's single prompt sequence samples, its
+    ``fanout - 1`` children are forked: they share its blocks and sample
+    from its logits row (``ScheduledBatch.forks``).
 
 Policy (FCFS):
-  1. running sequences first, oldest first; when the pool has no block for
-     one, the newest running sequence is preempted (recompute: its blocks are
-     freed and it goes back to the front of the waiting queue) until it fits
-     or it is itself the one preempted;
-  2. then waiting sequences, oldest first, while budget, sequence cap and
+  1. running requests first, oldest first; when the pool has no block for
+     one, the newest running request is preempted (recompute: the blocks of
+     all its sequences are freed and it goes back to the front of the
+     waiting queue) until it fits or it is itself the one preempted. A
+     preempted request with several sequences recomputes each of them, its
+     own prompt and output, as an independent sequence (blocks are no longer
+     shared); each keeps its generator, so seeded output does not change;
+  2. then waiting requests, oldest first, while budget, sequence cap and
      blocks allow -- but none in a step that had to preempt.
 """
 
@@ -24,6 +38,9 @@ from typing import Iterable
 
 from framework.engine.block_pool import KVCacheManager
 from framework.engine.sequence import Sequence, SequenceStatus
+from framework.engine.sequence_group import SequenceGroup
+
+Plan = list[tuple[Sequence, int]]
 
 
 @dataclass
@@ -32,7 +49,11 @@ class ScheduledBatch:
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
+    groups: list[SequenceGroup] = field(default_factory=list)  # requests with a sequence in this step
+    preempted: list[SequenceGroup] = field(default_factory=list)
+    # (parent, child): child was forked this step and samples from parent's logits row
+    forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -42,83 +63,140 @@ class ScheduledBatch:
         return len(self.seqs)
 
 
+def _plan(group: SequenceGroup, budget: int) -> Plan:
+    """New tokens per live sequence so that the request samples all together or not at all."""
+    if len(group.seqs) == 1:  # the common case, kept cheap: one sequence samples alone anyway
+        seq = group.seqs[0]
+        return [(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))]
+    live = group.live_seqs()
+    remaining = [s.num_tokens - s.num_computed_tokens for s in live]  # each >= 1
+    if sum(remaining) <= budget:
+        return list(zip(live, remaining))
+    plan = []
+    for seq, left in zip(live, remaining):
+        n = min(left - 1, budget)  # stop short of the end: nobody samples alone
+        if n > 0:
+            plan.append((seq, n))
+            budget -= n
+    return plan
+
+
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, group: SequenceGroup) -> None:
+        self.waiting.append(group)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
-        budget = self._schedule_running(batch, budget)
+        budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if not batch.preempted:
             self._schedule_waiting(batch, budget)
+        batch.block_copies = self.kv.take_copies()
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(seq, n):
-                victim = self.running.pop()  # newest; never one already scheduled (index < i)
-                self._preempt(victim)
-                batch.preempted.append(victim)
-                if victim is seq:
-                    return budget
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
-            budget -= n
+            group = self.running[i]
+            plan = _plan(group, budget)
+            for seq, n in plan:
+                while not self.kv.allocate_slots(seq, n):
+                    victim = self.running.pop()  # newest; never one already scheduled (index < i)
+                    self._preempt(victim)
+                    batch.preempted.append(victim)
+                    if victim is group:
+                        return budget
+            budget -= self._add(batch, group, plan)
             i += 1
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(seq, n):
+        if not self.waiting:
+            return
+        num_seqs = sum(g.max_num_running_seqs() for g in self.running)
+        while self.waiting and budget > 0:
+            group = self.waiting[0]
+            width = group.max_num_running_seqs()
+            if num_seqs + width > self.max_num_seqs:
+                break
+            plan = _plan(group, budget)
+            if not plan or not self._allocate_all(plan):
                 break
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            for seq in group.live_seqs():
+                seq.status = SequenceStatus.RUNNING
+            self.running.append(group)
+            budget -= self._add(batch, group, plan)
+            num_seqs += width
+
+    def _allocate_all(self, plan: Plan) -> bool:
+        """Blocks for a waiting request's plan, all or none (its sequences hold no blocks yet)."""
+        for seq, n in plan:
+            if not self.kv.allocate_slots(seq, n):
+                for s, _ in plan:
+                    self.kv.free(s)
+                return False
+        return True
+
+    def _add(self, batch: ScheduledBatch, group: SequenceGroup, plan: Plan) -> int:
+        """Put a planned request into the batch (forking it if it samples for the first time); returns its tokens."""
+        if not plan:
+            return 0
+        total = 0
+        for seq, n in plan:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
-            budget -= n
+            total += n
+        batch.groups.append(group)
+        if group.fanout > 1 and not group.forked:
+            parent, n = plan[0]
+            if parent.num_computed_tokens + n == parent.num_tokens:
+                self._fork(batch, group, parent, n)
+        return total
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.kv.free(seq)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+    def _fork(self, batch: ScheduledBatch, group: SequenceGroup, parent: Sequence, n: int) -> None:
+        for child in group.fork_children():
+            self.kv.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens + n  # what the parent has after this step
+            child.status = SequenceStatus.RUNNING
+            batch.forks.append((parent, child))
+
+    def _preempt(self, group: SequenceGroup) -> None:
+        for seq in group.live_seqs():
+            self.kv.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(group)
         self.num_preemptions += 1
 
-    def finish(self, seqs: Iterable[Sequence]) -> None:
-        """Remove finished sequences from the running list and free their blocks."""
-        done = {id(s) for s in seqs}
+    def finish(self, groups: Iterable[SequenceGroup]) -> None:
+        """Remove finished requests from the running list and free whatever blocks they still hold."""
+        done = {id(g) for g in groups}
         if not done:
             return
-        for seq in self.running:
-            if id(seq) in done:
-                self.kv.free(seq)
-        self.running = [s for s in self.running if id(s) not in done]
+        for group in self.running:
+            if id(group) in done:
+                for seq in group.seqs:
+                    self.kv.free(seq)
+        self.running = [g for g in self.running if id(g) not in done]
 
-    def abort(self, request_ids: set[str]) -> list[Sequence]:
-        """Drop the sequences of these requests wherever they are; return them."""
-        aborted = [s for s in self.running if s.request_id in request_ids]
-        aborted += [s for s in self.waiting if s.request_id in request_ids]
-        for seq in aborted:
-            self.kv.free(seq)
-            seq.status = SequenceStatus.FINISHED
-        self.running = [s for s in self.running if s.request_id not in request_ids]
-        self.waiting = deque(s for s in self.waiting if s.request_id not in request_ids)
+    def abort(self, request_ids: set[str]) -> list[SequenceGroup]:
+        """Drop these requests wherever they are; free their blocks; return them."""
+        aborted = [g for g in self.running if g.request_id in request_ids]
+        aborted += [g for g in self.waiting if g.request_id in request_ids]
+        for group in aborted:
+            for seq in group.seqs:
+                self.kv.free(seq)
+        self.running = [g for g in self.running if g.request_id not in request_ids]
+        self.waiting = deque(g for g in self.waiting if g.request_id not in request_ids)
         return aborted

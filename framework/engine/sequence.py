@@ -1,10 +1,10 @@
-"""A sequence: the unit the scheduler schedules (one per request for now)."""
+"""A sequence: the unit the model runs on and the KV cache holds (one or more per request)."""
 
 from __future__ import annotations
 
+import copy
 import enum
 import itertools
-import time
 from typing import TYPE_CHECKING, Optional
 
 from framework.outputs import Logprob
@@ -12,6 +12,7 @@ from framework.outputs import Logprob
 if TYPE_CHECKING:
     import torch
 
+    from framework.engine.sequence_group import SequenceGroup
     from framework.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -29,10 +30,14 @@ class Sequence:
     Invariants (there are no prefill/decode phases):
       * ``token_ids`` = prompt tokens + generated tokens;
       * ``num_computed_tokens`` of them have K/V in the cache, held in
-        ``block_ids`` (``ceil(num_computed_tokens / block_size) <=
-        len(block_ids)``);
-      * a step schedules ``num_tokens - num_computed_tokens`` (or a chunk of
-        it); when it reaches the end a new token is sampled and appended.
+        ``block_ids``; between steps ``len(block_ids) ==
+        ceil(num_computed_tokens / block_size)``;
+      * a live sequence always has at least one token to compute (its
+        prompt, or the token sampled last step); a step schedules
+        ``num_tokens - num_computed_tokens`` (or a chunk of it), and when it
+        reaches the end a new token is sampled and appended.
+    Forked sequences (parallel sampling, beam search) share blocks with
+    their parent through the block pool's reference counts.
     Preemption by recompute frees the blocks and sets ``num_computed_tokens``
     to 0: the prompt and the tokens generated so far are prefilled again.
     """
@@ -40,15 +45,15 @@ class Sequence:
     def __init__(
         self,
         request_id: str,
-        prompt: Optional[str],
         prompt_token_ids: list[int],
         params: "SamplingParams",
-        arrival_time: Optional[float] = None,
         generator: "Optional[torch.Generator]" = None,
+        index: int = 0,
     ):
         self.seq_id = next(_ids)
         self.request_id = request_id
-        self.prompt = prompt
+        self.index = index  # position among the request's sequences (parallel sampling)
+        self.group: "Optional[SequenceGroup]" = None
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -56,16 +61,21 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
-        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         # output state
         self.output_text = ""
         self.cumulative_logprob = 0.0
         self.logprobs: Optional[list[dict[int, Logprob]]] = [] if params.logprobs is not None else None
         self.finish_reason: Optional[str] = None
         self.stop_reason: int | str | None = None
-        self.first_scheduled_time: Optional[float] = None
-        self.first_token_time: Optional[float] = None
-        self.finished_time: Optional[float] = None
+
+    def fork(self) -> "Sequence":
+        """A copy with a new id and no KV blocks (the caller shares or allocates them)."""
+        child = copy.copy(self)
+        child.seq_id = next(_ids)
+        child.token_ids = list(self.token_ids)
+        child.logprobs = None if self.logprobs is None else list(self.logprobs)
+        child.block_ids = []
+        return child
 
     @property
     def num_tokens(self) -> int:
@@ -89,6 +99,6 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (
-            f"Sequence(id={self.seq_id}, request={self.request_id!r}, tokens={self.num_tokens}, "
+            f"Sequence(id={self.seq_id}, request={self.request_id!r}, index={self.index}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, {self.status.value})"
         )

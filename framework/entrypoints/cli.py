@@ -1,4 +1,4 @@
-"""The ``framework`` command: ``generate``, ``plugins``."""
+"""The ``framework`` command: ``serve``, ``generate``, ``plugins``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from typing import Optional
 
 from framework.entrypoints.cli_args import add_engine_args, engine_config_from_args
+from framework.entrypoints.openai.cli_args import add_server_args
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -28,6 +29,16 @@ def _generate(args: argparse.Namespace) -> int:
     for out in llm.generate(prompts, params, use_tqdm=False):
         completion = out.outputs[0]
         print(f"Prompt: {out.prompt!r}, Generated text: {completion.text!r} ({completion.finish_reason})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from framework.engine.llm_engine import LLMEngine
+    from framework.entrypoints.openai.api_server import run_server
+    from framework.entrypoints.openai.cli_args import configs_from_args
+
+    engine_config, server_config = configs_from_args(args)
+    run_server(LLMEngine(engine_config), server_config)
     return 0
 
 
@@ -58,6 +69,11 @@ def _plugins(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framework", description="LLM inference and serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (FastAPI + uvicorn)")
+    add_engine_args(serve)
+    add_server_args(serve)
+    serve.set_defaults(func=_serve)
 
     gen = sub.add_parser("generate", help="generate text offline for one or more prompts")
     add_engine_args(gen)

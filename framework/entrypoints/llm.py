@@ -36,7 +36,13 @@ class LLM:
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); results in input order."""
+        """Generate for every prompt (text or token ids); results in input order.
+
+        Each ``RequestOutput`` holds ``n`` completions (``outputs[i].index ==
+        i``); with ``best_of > n`` or beam search
+        (``SamplingParams(use_beam_search=True, n=k, temperature=0)``) they
+        are ranked best first.
+        """
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         request_ids: list[str] = []

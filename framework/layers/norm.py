@@ -1,10 +1,11 @@
-"""RMSNorm with an optional fused residual add."""
+"""RMSNorm with an optional fused residual add (one Triton kernel on CUDA)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from framework import ops
 from framework.layers.context import LayerContext
 from framework.layers.weight_loading import default_weight_loader
 
@@ -14,7 +15,9 @@ class RMSNorm(nn.Module):
 
     The statistics are computed in float32 and the normalised activations are
     cast back to the input dtype before the weight multiplies them, so the
-    result matches transformers bit for bit in the same dtype.
+    result matches transformers bit for bit in the same dtype. On CUDA (with
+    Triton) one fused kernel does the add and the norm with the same rounding
+    points (``framework.ops.triton_rmsnorm``).
 
     Args:
         hidden_size: size of the last dimension.
@@ -48,6 +51,11 @@ class RMSNorm(nn.Module):
             residual stream. The sum is taken in the input dtype, as the
             transformers decoder layer does.
         """
+        if ops.use_triton(x):
+            from framework.ops import triton_rmsnorm
+
+            if triton_rmsnorm.supported(x, self.weight, residual):
+                return triton_rmsnorm.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         summed = x + residual

@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from framework import ops
+
 
 class RotaryEmbedding(nn.Module):
     """Applies rotary embedding from a precomputed ``cos_sin_cache [max_positions, rotary_dim]``.
@@ -56,7 +58,18 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q [T, Hq*D]`` and ``k [T, Hk*D]`` by ``positions [T]``; returns new tensors."""
+        """Rotate ``q [T, Hq*D]`` and ``k [T, Hk*D]`` by ``positions [T]``; returns new tensors.
+
+        On CUDA (with Triton) one fused kernel rotates both
+        (``framework.ops.triton_rotary``), with the same rounding.
+        """
+        if ops.use_triton(q):
+            from framework.ops import triton_rotary
+
+            if triton_rotary.supported(q, k):
+                return triton_rotary.rotary_embedding(
+                    positions, q, k, self.cos_sin_cache, self.head_dim, self.rotary_dim
+                )
         cos, sin = self.cos_sin_cache.index_select(0, positions).to(q.dtype).chunk(2, dim=-1)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, rotary_dim / 2]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -6,9 +6,10 @@ device: no ``.item()``/``.tolist()``/``.cpu()``; the only Python loop runs over
 the rows that carry a per-request generator. The host-side flags of
 ``SamplingMetadata`` let whole stages be skipped without looking at tensors.
 
-Pipeline of a random row (greedy rows take the argmax of the raw logits):
+Pipeline of a row (``processors.py`` first: ``min_tokens`` bans, logit
+bias, penalties; greedy rows then take the argmax of the processed logits):
 
-1. ``x = logits / temperature``;
+1. ``x = processed_logits / temperature``;
 2. top-k and top-p from ONE descending sort of ``x``: in sorted order, drop
    positions ``>= k``, then drop every position whose exclusive cumulative
    probability (mass of the strictly better-ranked survivors) is already
@@ -21,8 +22,10 @@ Pipeline of a random row (greedy rows take the argmax of the raw logits):
    exact sampling from the (unnormalised) filtered distribution without a
    multinomial's host sync.
 
-Log-probabilities are those of the RAW logits (before temperature and the
-filters), as in vLLM: ``logits[token] - logsumexp(logits)``.
+Log-probabilities are those of the RAW logits (before processing,
+temperature and the filters), as in vLLM: ``logits[token] -
+logsumexp(logits)``; rows in ``metadata.processed_logprob_rows`` (beam search)
+get those of the processed logits instead.
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ import torch
 
 from framework.interfaces import Sampler
 from framework.sampling_metadata import SamplerOutput, SamplingMetadata
+from plugins.samplers.processors import apply_logits_processors
 
 # Rows with temperature below this are greedy (same threshold as SamplingParams).
 _GREEDY_EPS = 1e-5
 
 
 class StandardSampler(Sampler):
-    """Greedy / temperature / top-k / top-p / min-p sampling with raw logprobs."""
+    """Greedy / temperature / top-k / top-p / min-p sampling with penalties and raw logprobs."""
 
     name = "standard"
 
@@ -52,14 +56,18 @@ class StandardSampler(Sampler):
             when ``metadata.max_num_logprobs > 0``, the top logprobs and ranks.
         """
         logits = logits.float()
+        processed = apply_logits_processors(logits, metadata)
         if metadata.all_greedy:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = processed.argmax(dim=-1)
         else:
-            token_ids = _random_sample(logits, metadata)
+            token_ids = _random_sample(processed, metadata)
             if not metadata.all_random:
                 greedy = metadata.temperature < _GREEDY_EPS
-                token_ids = torch.where(greedy, logits.argmax(dim=-1), token_ids)
-        return _logprobs(logits, token_ids, metadata.max_num_logprobs)
+                token_ids = torch.where(greedy, processed.argmax(dim=-1), token_ids)
+        source = logits
+        if metadata.processed_logprob_rows is not None and processed is not logits:
+            source = torch.where(metadata.processed_logprob_rows.unsqueeze(1), processed, logits)
+        return _logprobs(source, token_ids, metadata.max_num_logprobs)
 
 
 def _random_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

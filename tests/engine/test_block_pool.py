@@ -38,7 +38,7 @@ def test_over_allocation_and_double_free_are_errors():
 
 def test_allocate_slots_grows_by_whole_blocks():
     kv = KVCacheManager(num_blocks=4, block_size=4)
-    seq = Sequence("r", None, list(range(6)), SamplingParams())
+    seq = Sequence("r", list(range(6)), SamplingParams())
     assert kv.allocate_slots(seq, 6) and len(seq.block_ids) == 2
     seq.num_computed_tokens = 6
     assert kv.blocks_needed(seq, 2) == 0  # tokens 6 and 7 still fit in block 1
@@ -48,3 +48,44 @@ def test_allocate_slots_grows_by_whole_blocks():
     assert len(seq.block_ids) == 3  # a failed allocation changes nothing
     kv.free(seq)
     assert seq.block_ids == [] and kv.pool.num_free == 4
+
+
+def test_fork_shares_blocks_and_copies_the_partial_block_on_write():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    parent = Sequence("r", list(range(6)), SamplingParams())
+    assert kv.allocate_slots(parent, 6)
+    parent.num_computed_tokens = 6  # blocks: [full 0..3 | 4, 5, _, _]
+    child = parent.fork()
+    kv.fork(parent, child)
+    assert child.block_ids == parent.block_ids and kv.pool.ref_counts[parent.block_ids[0]] == 2
+    assert kv.pool.total_allocated == 2  # the fork allocated nothing
+    full, partial = parent.block_ids
+    for seq in (parent, child):
+        seq.token_ids.append(9)
+    assert kv.allocate_slots(child, 1)  # writes slot 6 of the shared partial block: copy on write
+    assert child.block_ids[0] == full and child.block_ids[1] != partial
+    assert kv.take_copies() == [(partial, child.block_ids[1])]
+    assert kv.allocate_slots(parent, 1)  # now the only holder: writes in place
+    assert parent.block_ids == [full, partial] and kv.take_copies() == []
+    assert kv.pool.ref_counts[full] == 2 and kv.pool.ref_counts[partial] == 1
+    kv.free(parent)
+    kv.free(child)
+    assert kv.pool.num_free == 8
+
+
+def test_copy_on_write_needs_a_free_block_and_a_freed_copy_is_dropped():
+    kv = KVCacheManager(num_blocks=2, block_size=4)
+    parent = Sequence("r", [1, 2], SamplingParams())
+    assert kv.allocate_slots(parent, 2)
+    parent.num_computed_tokens = 2
+    child = parent.fork()
+    kv.fork(parent, child)
+    child.token_ids.append(3)
+    assert kv.allocate_slots(child, 1) and kv.pool.num_free == 0
+    other = parent.fork()
+    kv.fork(parent, other)
+    other.token_ids.append(3)
+    assert not kv.allocate_slots(other, 1)  # no block for its copy: nothing changes
+    assert other.block_ids == parent.block_ids
+    kv.free(child)  # the pending copy into child's block has no reader any more
+    assert kv.take_copies() == []

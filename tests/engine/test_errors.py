@@ -83,10 +83,57 @@ def test_missing_model_directory_is_an_error(tmp_path):
         ({"top_k": -2}, "top_k", ">= 1"),
         ({"min_p": 2.0}, "min_p", r"\[0, 1\]"),
         ({"max_tokens": 0}, "max_tokens", ">= 1"),
-        ({"logprobs": 21}, "logprobs", r"\[0, 20\]"),
+        ({"logprobs": -1}, "logprobs", ">= 0"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs", ">= 0"),
         ({"stop": [""]}, "stop", "non-empty"),
+        ({"n": 0}, "n", ">= 1"),
+        ({"n": 3, "best_of": 2}, "best_of", ">= n=3"),
+        ({"presence_penalty": 2.5}, "presence_penalty", r"\[-2, 2\]"),
+        ({"frequency_penalty": -3}, "frequency_penalty", r"\[-2, 2\]"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty", "> 0"),
+        ({"logit_bias": {5: 101}}, "logit_bias", r"\[-100, 100\]"),
+        ({"logit_bias": {-1: 1}}, "logit_bias", ">= 0"),
+        ({"logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+        ({"min_tokens": -1}, "min_tokens", ">= 0"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens", "<= max_tokens=4"),
+        ({"temperature": 0, "n": 2}, "n", "must be 1 for greedy"),
+        ({"use_beam_search": True, "n": 1, "temperature": 0}, "best_of", "> 1 with use_beam_search"),
+        ({"use_beam_search": True, "n": 2}, "temperature", "must be 0 with use_beam_search"),
+        ({"use_beam_search": True, "n": 2, "temperature": 0, "top_k": 5}, "top_k", "-1"),
+        ({"use_beam_search": True, "n": 2, "temperature": 0, "early_stopping": "x"}, "early_stopping", "'never'"),
+        ({"early_stopping": True}, "early_stopping", "must be False without use_beam_search"),
+        ({"length_penalty": 2.0}, "length_penalty", "must be 1.0 without use_beam_search"),
+        ({"use_beam_search": True, "n": 2, "temperature": 0, "strategy": "parallel"}, "strategy", "beam_search"),
     ],
 )
 def test_invalid_sampling_values_name_field_and_limit(kwargs, field, limit):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field} .*{limit}"):
         framework.SamplingParams(**kwargs)
+
+
+def test_valid_values_are_accepted_and_normalised():
+    params = framework.SamplingParams(n=2, best_of=3, logit_bias={"7": -100}, seed=1)
+    assert params.logit_bias == {7: -100.0} and params.strategy_name == "parallel"
+    beam = framework.SamplingParams(use_beam_search=True, n=4, temperature=0, early_stopping="never", length_penalty=2)
+    assert beam.best_of == 4 and beam.strategy_name == "beam_search"
+    assert framework.SamplingParams(n=3).best_of == 3
+
+
+def test_limits_that_depend_on_the_engine(llm, model_dir):
+    vocab = llm.engine.model_config.vocab_size
+    cases = [
+        (framework.SamplingParams(logprobs=21), r"SamplingParams\.logprobs must be in \[0, 20\]"),
+        (framework.SamplingParams(prompt_logprobs=21), r"SamplingParams\.prompt_logprobs must be in \[0, 20\]"),
+        (framework.SamplingParams(logit_bias={vocab: 1}), rf"SamplingParams\.logit_bias token id {vocab} is out of"),
+        (framework.SamplingParams(stop_token_ids=[vocab + 5]), r"SamplingParams\.stop_token_ids token id"),
+        (framework.SamplingParams(sampler="nope"), r"SamplingParams\.sampler 'nope' .*installed: standard"),
+        (framework.SamplingParams(strategy="standard"), r"SamplingParams\.strategy 'standard' .*beam_search, parallel"),
+        (framework.SamplingParams(n=300), r"SamplingParams\.best_of=300: .*needs 300 .*max_num_seqs=256"),
+    ]
+    for params, message in cases:
+        with pytest.raises(ValueError, match=message):
+            llm.generate(["x"], params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    wide = framework.build({"model": str(model_dir), "max_model_len": 64, "max_logprobs": 30})
+    out = wide.generate(["x"], framework.SamplingParams(logprobs=25, max_tokens=1), use_tqdm=False)[0]
+    assert len(out.outputs[0].logprobs[0]) >= 25

@@ -1,5 +1,6 @@
 """The offline API: prompts of every shape, per-prompt params, seeds, chat, config sources."""
 
+import dataclasses
 import json
 
 import pytest
@@ -38,14 +39,52 @@ def test_per_prompt_params_and_input_order(llm):
 
 
 def test_seed_gives_the_same_output_alone_and_in_a_batch_of_32(llm):
+    """Seeded requests (n=1 and n=3) among 30 others of every kind: penalties, bias, min_tokens, n, beams."""
     seeded = framework.SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16)
+    seeded_n = framework.SamplingParams(n=3, temperature=1.0, top_k=50, seed=99, max_tokens=12, ignore_eos=True)
     alone = llm.generate(["Once upon a time"], seeded, use_tqdm=False)[0].outputs[0].token_ids
-    others = [framework.SamplingParams(temperature=0.5 + i / 32, top_k=5 + i, max_tokens=8 + i) for i in range(31)]
-    prompts = [f"prompt number {i} " * (1 + i % 4) for i in range(31)]
-    batch = llm.generate(prompts[:13] + ["Once upon a time"] + prompts[13:], others[:13] + [seeded] + others[13:], use_tqdm=False)
+    alone_n = [c.token_ids for c in llm.generate(["A tale"], seeded_n, use_tqdm=False)[0].outputs]
+    others = [
+        framework.SamplingParams(
+            n=1 + i % 3, temperature=0.5 + i / 32, top_k=5 + i, max_tokens=8 + i % 8, presence_penalty=0.5 * (i % 2),
+            repetition_penalty=1.0 + 0.1 * (i % 3), logit_bias={7: 2.0} if i % 4 == 0 else None, min_tokens=i % 5,
+        )
+        for i in range(28)
+    ]  # fmt: skip
+    others += [framework.SamplingParams(n=2, use_beam_search=True, temperature=0, max_tokens=8)] * 2
+    prompts = [f"prompt number {i} " * (1 + i % 4) for i in range(30)]
+    batch = llm.generate(
+        prompts[:13] + ["Once upon a time"] + prompts[13:20] + ["A tale"] + prompts[20:],
+        others[:13] + [seeded] + others[13:20] + [seeded_n] + others[20:],
+        use_tqdm=False,
+    )
     assert batch[13].outputs[0].token_ids == alone
+    assert [c.token_ids for c in batch[21].outputs] == alone_n and len({tuple(t) for t in alone_n}) == 3
     other_seed = framework.SamplingParams(temperature=1.0, top_p=0.9, seed=4321, max_tokens=16)
     assert llm.generate(["Once upon a time"], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_n_outputs_and_beam_search_through_generate(llm):
+    out = llm.generate(["Hello"], framework.SamplingParams(n=4, temperature=0.9, max_tokens=5), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3] and all(len(c.token_ids) <= 5 for c in out.outputs)
+    beams = framework.SamplingParams(n=2, best_of=4, use_beam_search=True, temperature=0, max_tokens=6)
+    out = llm.generate(["Hello", "Bye"], beams, use_tqdm=False)
+    for request in out:
+        assert [c.index for c in request.outputs] == [0, 1] and request.finished
+        first, second = request.outputs
+        assert first.cumulative_logprob / len(first.token_ids) >= second.cumulative_logprob / len(second.token_ids)
+        tok = llm.get_tokenizer()
+        assert first.text == tok.decode(first.token_ids, skip_special_tokens=True)
+    # a stop string cuts the returned text (it does not steer the search)
+    best = out[0].outputs[0]
+    stop = best.text[2:5]
+    cut = llm.generate(["Hello"], framework.SamplingParams(**{**vars_of(beams), "stop": stop}), use_tqdm=False)[0]
+    assert cut.outputs[0].token_ids == best.token_ids
+    assert cut.outputs[0].text == best.text[: best.text.index(stop)] and cut.outputs[0].stop_reason == stop
+
+
+def vars_of(params):
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
 
 
 def test_chat_uses_the_chat_template(llm):

@@ -230,6 +230,9 @@ def test_plugin_registers_backend_lazily():
     pm.register(plugins.kernels, name="kernels-under-test")
     registered = {}
     pm.hook.register_attention_backends(register=lambda name, target: registered.setdefault(name, target))
-    assert registered == {"torch": "plugins.kernels.torch_paged:TorchPagedAttention"}
+    assert registered == {
+        "torch": "plugins.kernels.torch_paged:TorchPagedAttention",
+        "triton": "plugins.kernels.triton_paged:TritonPagedAttention",
+    }
     module_name, _, attr = registered["torch"].partition(":")
     assert getattr(__import__(module_name, fromlist=[attr]), attr) is TorchPagedAttention

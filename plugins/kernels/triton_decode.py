@@ -1,0 +1,232 @@
+"""Triton kernels: paged decode attention with split-K (flash decoding).
+
+Each decode sequence has one query token; its keys are the ``seq_len`` rows
+of the paged cache its block-table row points to.
+
+Algorithm. The keys of a sequence are cut into ``num_splits`` contiguous
+ranges of ``split_len = ceil(ceil(seq_len / num_splits) / BLOCK_N) * BLOCK_N``
+tokens (computed in the kernel from ``seq_len``, so any ``num_splits`` is
+correct for any length; it only changes how the work is spread).
+
+* ``_decode_split_kernel``, grid ``(num_seqs, num_kv_heads, num_splits)``:
+  one program takes one KV head and all ``GROUP = Hq / Hk`` query heads that
+  share it (GQA), as the rows of a ``[BLOCK_G, D]`` query tile padded to 16
+  rows for ``tl.dot``. It walks its range in tiles of ``BLOCK_N`` keys (each
+  key's page looked up in the block table, so ``BLOCK_N`` and the page size
+  are independent), with an online softmax in base 2. It writes the
+  normalised partial output and its log-sum-exp (base 2); an empty range
+  writes zeros and ``-inf``. With one split it writes the final output
+  instead and the reduction is skipped.
+* ``_decode_reduce_kernel``, grid ``(num_seqs, Hq)``: combines the splits,
+  weighting each by ``2 ** (lse_s - max lse)``.
+
+A row with ``seq_len == 0`` (a CUDA-graph bucket's padding) gets zeros.
+Shapes depend only on ``(num_seqs, num_splits)``, never on the lengths, so a
+decode step of a given batch size can be captured in a CUDA graph once
+``num_splits`` is fixed for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MIN_TOKENS_PER_SPLIT = 256  # below this, the extra reduction costs more than the parallelism gains
+MAX_SPLITS = 32
+
+
+# fmt: off
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [B, Hq, D]
+    key_cache_ptr,  # [slots, Hk, D]
+    value_cache_ptr,  # [slots, Hk, D]
+    block_tables_ptr,  # [B, W] int32
+    seq_lens_ptr,  # [B] int32
+    out_ptr,  # [B, Hq, D] final output (NUM_SPLITS_IS_ONE)
+    part_out_ptr,  # [B, Hq, S, D] float32 normalised partial outputs (else)
+    part_lse_ptr,  # [B, Hq, S] float32 partial log2-sum-exp (else)
+    scale_log2,  # softmax scale * log2(e)
+    num_splits,
+    stride_qb, stride_qh,
+    stride_cs, stride_ch,
+    stride_bt,
+    stride_ob, stride_oh,
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,  # tokens per KV-cache block
+    BLOCK_G: tl.constexpr,  # max(16, next power of two >= GROUP)
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
+    BLOCK_N: tl.constexpr,  # keys per tile
+    NUM_SPLITS_IS_ONE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else "tf32" (unused by 16-bit dots)
+):
+# fmt: on
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_offset = kv_head * stride_ch
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for tile in range(start, end, BLOCK_N):
+        offs_n = tile + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        page = tl.load(block_table + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        rows = page * PAGE_SIZE + offs_n % PAGE_SIZE
+        k = tl.load(  # [BLOCK_D, BLOCK_N]: transposed for q @ k
+            key_cache_ptr + rows[None, :] * stride_cs + kv_offset + offs_d[:, None],
+            mask=n_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )
+        scores = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(  # [BLOCK_N, BLOCK_D]; masked rows read as 0 (never the stale cache)
+            value_cache_ptr + rows[:, None] * stride_cs + kv_offset + offs_d[None, :],
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    out = tl.where(nonempty[:, None], acc / tl.where(nonempty, l_i, 1.0)[:, None], 0.0)
+    mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS_IS_ONE:
+        dst = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        row = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * num_splits + split  # [BLOCK_G]
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+
+
+# fmt: off
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr,  # [B, Hq, S, D] float32
+    part_lse_ptr,  # [B, Hq, S] float32
+    out_ptr,  # [B, Hq, D]
+    num_splits,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # next power of two >= num_splits
+    BLOCK_D: tl.constexpr,
+):
+# fmt: on
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < HEAD_DIM
+    row = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits + offs_s  # [BLOCK_S]
+    lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    # A padded row (seq_len 0) has every split empty: weight nothing, output 0.
+    weight = tl.where(lse > float("-inf"), tl.exp2(lse - tl.where(lse_max > float("-inf"), lse_max, 0.0)), 0.0)
+    parts = tl.load(
+        part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0
+    )
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * parts, 0) / tl.where(total > 0.0, total, 1.0)
+    dst = out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Splits per sequence (a power of two, host arithmetic only).
+
+    Split only while the grid ``num_seqs * num_kv_heads`` fills fewer than two
+    waves of ``num_sms`` programs, and keep at least ``MIN_TOKENS_PER_SPLIT``
+    keys per split of the longest sequence. ``max_seq_len`` is the bucket the
+    metadata holds (next power of two of the longest decode), so the choice is
+    stable from step to step and a CUDA graph can be captured per bucket.
+    """
+    by_length = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
+    by_occupancy = max(1, math.ceil(2 * num_sms / max(1, num_seqs * num_kv_heads)))
+    return min(MAX_SPLITS, 1 << (min(by_length, by_occupancy).bit_length() - 1))
+
+
+def decode_block_n(head_dim: int) -> int:
+    return 32 if head_dim > 128 else 64
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    key_cache: torch.Tensor,  # [slots, Hk, D]
+    value_cache: torch.Tensor,  # [slots, Hk, D]
+    block_tables: torch.Tensor,  # [B, W] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    out: torch.Tensor,  # [B, Hq, D], written
+    scale: float,
+    page_size: int,
+    num_splits: int,
+    block_n: int | None = None,
+) -> None:
+    """Attention of one query token per sequence over its paged keys; writes ``out``."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = key_cache.shape[1]
+    if num_seqs == 0:
+        return
+    group = num_heads // num_kv_heads
+    assert q.stride(2) == 1 and out.stride(2) == 1 and key_cache.stride(2) == 1
+    block_d = triton.next_power_of_2(head_dim)
+    if num_splits > 1:
+        part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_lse,
+        scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1),
+        key_cache.stride(0), key_cache.stride(1),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=block_d,
+        BLOCK_N=block_n or decode_block_n(head_dim),
+        NUM_SPLITS_IS_ONE=num_splits == 1,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=2,
+    )  # fmt: skip
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, num_splits,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+            num_warps=4,
+        )  # fmt: skip
