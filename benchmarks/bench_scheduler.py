@@ -10,6 +10,7 @@ already in the cache) and times, per step:
   * the bookkeeping after a step (advance, append a token).
 
 Usage: python benchmarks/bench_scheduler.py --num-seqs 256 1024 --steps 200
+       (add --enable-prefix-caching to include naming each block as it fills)
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ class _Plain:
     uses_processed_logprobs = False
 
 
-def bench(num_seqs: int, steps: int, prompt_len: int, block_size: int) -> dict:
+def bench(num_seqs: int, steps: int, prompt_len: int, block_size: int, prefix_caching: bool = False) -> dict:
     blocks_per_seq = -(-(prompt_len + 64 + steps + 2) // block_size)
-    kv = KVCacheManager(num_seqs * blocks_per_seq, block_size)
+    kv = KVCacheManager(num_seqs * blocks_per_seq, block_size, enable_prefix_caching=prefix_caching)
     # A budget that prefills every prompt in the first step, so no sequence decodes during warm-up.
     sched = Scheduler(kv, max_num_seqs=num_seqs, max_num_batched_tokens=num_seqs * (prompt_len + 64))
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=None)
-    groups = [SequenceGroup(str(i), None, [1] * (prompt_len + i % 64), params) for i in range(num_seqs)]
+    # Distinct first tokens: with prefix caching on, no two prompts share a block.
+    groups = [SequenceGroup(str(i), None, [10 + i] + [1] * (prompt_len + i % 64 - 1), params) for i in range(num_seqs)]
     for g in groups:
         g.attach(_Plain())
         sched.add(g)
@@ -88,10 +90,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--enable-prefix-caching", action="store_true")
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, python {platform.python_version()}, torch {torch.__version__}")
     for n in args.num_seqs:
-        print(json.dumps(bench(n, args.steps, args.prompt_len, args.block_size)))
+        print(json.dumps(bench(n, args.steps, args.prompt_len, args.block_size, args.enable_prefix_caching)))
 
 
 if __name__ == "__main__":

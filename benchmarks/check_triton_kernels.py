@@ -189,6 +189,8 @@ def attention_timings(rows):
     hq, hk, d = 32, 8, 128
     cases = {
         "decode B=64 ctx=2048": [(2047, 1)] * 64,
+        "decode B=256 ctx=640 (W1-like)": [(639, 1)] * 256,
+        "decode B=1 ctx=640": [(639, 1)],
         "decode B=8 ctx=8192 (split-K)": [(8191, 1)] * 8,
         "decode B=1 ctx=32768 (split-K)": [(32767, 1)],
         "prefill 4 x 1024 fresh": [(0, 1024)] * 4,

@@ -3,9 +3,14 @@
     python benchmarks/dummy_model.py llama3-8b /tmp/llama3-8b
     framework generate /tmp/llama3-8b --load-format dummy --dtype bfloat16 --prompt Hi
 
-The directory holds config.json, generation_config.json and the locally
-trained test tokenizer (its ids cover only the first 512 of the vocabulary;
-benchmarks feed token ids directly).
+The directory holds config.json, generation_config.json and a byte-level
+BPE tokenizer whose vocabulary has exactly the model's ``vocab_size`` ids
+(the 256 byte symbols, then byte pairs and triples, with no merges; the last
+two ids are the BOS and EOS tokens). Benchmarks feed token ids directly; the
+tokenizer is there so that every id the random weights produce decodes, as
+with a real checkpoint: incremental detokenisation then costs what it costs
+with a real tokenizer (about 1 us per token) instead of the cost of ids a
+small tokenizer cannot place (its decode stream then grows without end).
 """
 
 from __future__ import annotations
@@ -26,14 +31,38 @@ SHAPES = {
 }  # fmt: skip
 
 
-def write_dummy_model(shape: str, path: str | Path) -> Path:
-    from framework.testing import make_tokenizer
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
+
+def full_vocab_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer with exactly ``vocab_size`` ids (see the module docstring)."""
+    import itertools
+
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for length in (1, 2, 3):
+        for parts in itertools.product(symbols, repeat=length):
+            if len(vocab) == vocab_size - 2:
+                break
+            vocab["".join(parts)] = len(vocab)
+    tok = Tokenizer(BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BOS, EOS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, clean_up_tokenization_spaces=False)
+
+
+def write_dummy_model(shape: str, path: str | Path) -> Path:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(path)
+    tokenizer = full_vocab_tokenizer(SHAPES[shape]["vocab_size"])
+    tokenizer.save_pretrained(path)
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

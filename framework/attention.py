@@ -68,6 +68,13 @@ class AttentionBackend:
 
     name: ClassVar[str] = ""
     priority: ClassVar[int] = 0  # higher wins when several support a device
+    # True when a pure-decode step can be captured in a CUDA graph and replayed
+    # on other data of the same batch size: ``build_metadata`` only slices the
+    # device tensors of ``BatchInputs`` and ``forward`` launches work shaped by
+    # its host sizes alone (no host reads of device data, no shapes taken from
+    # the host arrays' contents other than ``max_seq_len`` as an upper bound).
+    # Padded rows (``slot_mapping`` -1, ``seq_lens`` 0) must be skipped.
+    supports_cuda_graphs: ClassVar[bool] = False
 
     @classmethod
     def supports(

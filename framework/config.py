@@ -46,12 +46,18 @@ class EngineConfig(BaseModel):
     attention_backend: str | None = Field(None, description="attention backend name (default: chosen per device)")
     quantization: str | None = Field(None, description="quantization method (default: from the checkpoint)")
     kv_cache_dtype: str = Field("auto", description="KV-cache dtype; auto: the model dtype")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV blocks of prompt prefixes already computed (automatic prefix caching)"
+    )
     seed: int = Field(0, description="seed of the random state for requests without their own seed")
     max_logprobs: int = Field(20, ge=0, description="largest logprobs / prompt_logprobs a request may ask for")
     load_format: Literal["safetensors", "dummy"] = Field(
         "safetensors", description="safetensors: the checkpoint; dummy: random weights of the model's shape"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    enforce_eager: bool = Field(
+        False, description="never capture CUDA graphs: run every step eagerly (graphs need a backend that supports them)"
+    )
     plugins: PluginSettings = Field(default_factory=PluginSettings, description="plugin switches")
 
     @field_validator("block_size")

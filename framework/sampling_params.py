@@ -61,6 +61,11 @@ class SamplingParams:
             samples this request's rows.
         strategy: name of the decoding strategy; default "beam_search" with
             ``use_beam_search``, else "parallel" (n / best_of sampling).
+        cache_salt: with prefix caching, requests share cached KV blocks only
+            with requests of the same salt (None: the unsalted pool). It goes
+            into the hash of the first block, so one tenant cannot probe
+            another's cached prompts through timing. vLLM carries it on the
+            request; here it is a sampling field, so it reaches every API.
     """
 
     n: int = 1
@@ -88,6 +93,7 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     sampler: str = "standard"
     strategy: Optional[str] = None
+    cache_salt: Optional[str] = None
     _stop_strings: list[str] = field(default_factory=list, init=False, repr=False)
     # Derived at construction: any of min_tokens, logit_bias or a penalty (the sampler's fast path skips the rest).
     _processes_logits: bool = field(default=False, init=False, repr=False, compare=False)
@@ -134,6 +140,11 @@ class SamplingParams:
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be >= 0")
         if self.seed is not None:
             _check(_is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+        if self.cache_salt is not None:
+            _check(
+                isinstance(self.cache_salt, str) and self.cache_salt != "", "cache_salt",
+                f"must be a non-empty string, got {self.cache_salt!r}",
+            )  # fmt: skip
 
     def _check_int(self, name: str, minimum: int, minimum_text: Optional[str] = None) -> None:
         value = getattr(self, name)

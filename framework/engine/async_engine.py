@@ -7,6 +7,7 @@ thread-safe queue and gets results back on its event loop::
     event loop                                  engine thread
     add_request() --("add", stream)-------->   engine.add_request()  (validates the prompt)
     stream.close() --("abort", id)--------->   engine.abort_request() (frees KV blocks)
+    reset_prefix_cache() --("call", fn)---->   engine.reset_prefix_cache(), between two steps
                    <--call_soon_threadsafe--    admission result, RequestOutputs of each step
 
 Each request has its own ``RequestStream``, an async iterator of the same
@@ -26,7 +27,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from framework.engine.llm_engine import LLMEngine, PromptInput
 from framework.engine.request_stream import RequestStream
@@ -168,6 +169,18 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             self._send(("abort", request_id))
 
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; runs on the engine thread between two steps."""
+        return await self._call(self.engine.reset_prefix_cache)
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the engine thread; its result (or exception) comes back here."""
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running: {self.dead or 'not started'}")
+        future = self._loop.create_future()
+        self._send(("call", fn, future))
+        return await future
+
     async def generate(self, prompt: PromptInput, params: SamplingParams, request_id: Optional[str] = None):
         """Convenience: add a request and yield its outputs; aborts it if the caller stops early."""
         stream = self.add_request(prompt, params, request_id)
@@ -244,6 +257,8 @@ class AsyncLLMEngine:
                 break
             if command[0] == "add":
                 events.append(("error", command[1], error))
+            elif command[0] == "call":
+                self._resolve(command[2], None, error)
         self._publish(events, outputs)
 
     def _apply_commands(self, events: list, outputs: list) -> bool:
@@ -266,6 +281,30 @@ class AsyncLLMEngine:
                 events.append(("admitted", request_id, None))
             elif command[0] == "abort":
                 self._abort([command[1]], events, outputs)
+            elif command[0] == "call":
+                _, fn, future = command
+                try:
+                    result, error = fn(), None
+                except Exception as exc:  # the caller's to handle
+                    result, error = None, exc
+                self._resolve(future, result, error)
+
+    def _resolve(self, future: asyncio.Future, result: Any, error: Optional[BaseException]) -> None:
+        """Settle a ``_call`` future on the event loop (unless the caller gave up on it)."""
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
 
     def _abort(self, request_ids: list[str], events: list, outputs: list) -> None:
         ids = [r for r in request_ids if r in self._active]

@@ -2,43 +2,71 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Iterable, Optional
+
+from framework.engine.prefix_cache import ROOT, PrefixCache, block_hashes, extra_keys, hash_block
 from framework.engine.sequence import Sequence
 
 
 class BlockPool:
     """Fixed set of KV-cache blocks with reference counts.
 
-    Free blocks sit on a stack (``_free``): allocate and free are O(1) per
-    block. A block is free exactly when its reference count is 0; forks
-    (parallel sampling, beam search) share a block by raising its count, and
-    the block returns to the stack when the last holder frees it.
-    ``total_allocated`` counts every block ever handed out (tests use it to
-    show that a shared prompt is allocated once).
+    A block is free exactly when its reference count is 0; forks (parallel
+    sampling, beam search) and prefix-cache hits share a block by raising its
+    count, and it is free again when the last holder lets go. Free blocks sit
+    on one of two lists, every operation O(1):
+
+      * ``_free``: blocks holding nothing worth keeping, a stack (LIFO: the
+        block freed last is reused first);
+      * ``_evictable``: blocks that still hold a cached prefix (``cache``),
+        least recently freed first. An ``OrderedDict`` used as a doubly
+        linked list: a hit revives a block from the middle in O(1)
+        (``share``), eviction pops the front.
+
+    ``allocate`` takes from ``_free`` first and evicts only when it is empty,
+    so cached content is never lost while an empty block is left; an evicted
+    block's cache entry is dropped before it gets new content.
+    ``total_allocated`` counts every block ever handed out for new content
+    (tests use it to show that a shared prompt is allocated once).
     """
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, cache: Optional[PrefixCache] = None):
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self.total_allocated = 0
+        self.cache = cache
         # Pop from the end: low block ids are handed out first.
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._evictable: OrderedDict[int, None] = OrderedDict()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_evictable(self) -> int:
+        """Free blocks that still hold a cached prefix."""
+        return len(self._evictable)
 
     def usage(self) -> float:
-        """Fraction of blocks in use (0..1)."""
-        return 1.0 - len(self._free) / self.num_blocks
+        """Fraction of blocks in use (0..1); free cached blocks count as free."""
+        return 1.0 - self.num_free / self.num_blocks
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV blocks with {len(self._free)} free")
-        blocks = [self._free.pop() for _ in range(n)]
-        for b in blocks:
-            self.ref_counts[b] = 1
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} KV blocks with {self.num_free} free")
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.pop()
+            else:  # evict the least recently freed cached block
+                block, _ = self._evictable.popitem(last=False)
+                self.cache.drop(block)
+            self.ref_counts[block] = 1
+            blocks.append(block)
         self.total_allocated += n
         return blocks
 
@@ -47,14 +75,33 @@ class BlockPool:
             assert self.ref_counts[b] > 0, f"block {b} is free"
             self.ref_counts[b] += 1
 
+    def share(self, blocks: list[int]) -> None:
+        """Take a reference to cached blocks, reviving the free ones from the LRU list."""
+        for b in blocks:
+            if self.ref_counts[b] == 0:
+                del self._evictable[b]
+            self.ref_counts[b] += 1
+
     def free(self, blocks: list[int]) -> None:
-        # Freed in reverse so a sequence's first block is reused first.
+        # Freed in reverse: a sequence's last block is evicted before its first,
+        # which more requests share; without caching, its first block is reused first.
         for b in reversed(blocks):
             count = self.ref_counts[b] - 1
             assert count >= 0, f"block {b} freed twice"
             self.ref_counts[b] = count
             if count == 0:
-                self._free.append(b)
+                if self.cache is not None and self.cache.is_cached(b):
+                    self._evictable[b] = None  # most recently freed: evicted last
+                else:
+                    self._free.append(b)
+
+    def forget_cached(self) -> int:
+        """Drop every cache entry; free cached blocks become plain free blocks. Returns the count dropped."""
+        if self.cache is None:
+            return 0
+        self._free.extend(reversed(self._evictable))
+        self._evictable.clear()
+        return self.cache.clear()
 
 
 class KVCacheManager:
@@ -73,10 +120,20 @@ class KVCacheManager:
     block instead, and the copy ``src -> dst`` is queued for the model runner
     to perform on the device before the step's forward
     (``take_copies``).
+
+    Prefix caching (``enable_prefix_caching``): ``cache_full_blocks`` names
+    the blocks a scheduled step fills (b0 and b1 above after the step of 3)
+    as soon as the step is planned, so a request admitted later in the same
+    step already shares them: attention backends write every new K/V of a
+    layer before any token of the batch attends. ``reuse_cached_prefix``
+    gives an admitted sequence the longest run of cached full blocks that
+    starts its tokens, short of its last token (which must be computed to
+    sample). Cached blocks are full, so copy on write never touches them.
     """
 
-    def __init__(self, num_blocks: int, block_size: int):
-        self.pool = BlockPool(num_blocks)
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+        self.cache = PrefixCache(num_blocks) if enable_prefix_caching else None
+        self.pool = BlockPool(num_blocks, self.cache)
         self.block_size = block_size
         self._copies: dict[int, int] = {}  # dst -> src, pending block copies of this step
 
@@ -91,7 +148,7 @@ class KVCacheManager:
         # The block the next token is written to, when another sequence shares it: copy on write.
         first = seq.num_computed_tokens // self.block_size
         shared = first < len(blocks) and self.pool.ref_counts[blocks[first]] > 1
-        if need + shared > len(self.pool._free):
+        if (need or shared) and need + shared > self.pool.num_free:
             return False
         if shared:
             src, dst = blocks[first], self.pool.allocate(1)[0]
@@ -105,11 +162,13 @@ class KVCacheManager:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """``child`` shares all of ``parent``'s blocks."""
         child.block_ids = list(parent.block_ids)
+        child.num_cached_blocks = parent.num_cached_blocks
         self.pool.incref(child.block_ids)
 
     def free(self, seq: Sequence) -> None:
         self.pool.free(seq.block_ids)
         seq.block_ids = []
+        seq.num_cached_blocks = 0
         # A copy into a block that is free again has no reader; drop it, so the
         # block can be reused (even as another copy's destination) this step.
         for dst in [d for d in self._copies if self.pool.ref_counts[d] == 0]:
@@ -123,3 +182,77 @@ class KVCacheManager:
 
     def max_tokens_in_pool(self) -> int:
         return self.pool.num_blocks * self.block_size
+
+    # -- prefix caching ------------------------------------------------------
+
+    @property
+    def caching(self) -> bool:
+        return self.cache is not None
+
+    def reuse_cached_prefix(self, seq: Sequence) -> int:
+        """Share the cached blocks that start ``seq`` (which holds none); returns the tokens they cover.
+
+        At most ``(num_tokens - 1) // block_size`` blocks: the last token is
+        always computed, so the step samples. Each block is verified against
+        the sequence's own tokens before it is shared.
+        """
+        assert not seq.block_ids and seq.num_computed_tokens == 0, seq
+        bs, tokens = self.block_size, seq.token_ids
+        hashes = seq.block_hashes
+        hit: list[int] = []
+        for j in range((seq.num_tokens - 1) // bs):
+            if j == len(hashes):
+                block_hashes(seq, j + 1, bs)  # name blocks only as far as the hits go
+            parent = hashes[j - 1] if j else ROOT
+            block = self.cache.get(hashes[j], parent, tokens[j * bs : (j + 1) * bs], extra_keys(seq, j))
+            if block is None:
+                break
+            hit.append(block)
+        self.pool.share(hit)
+        seq.block_ids = hit
+        seq.num_cached_blocks = len(hit)
+        seq.num_computed_tokens = len(hit) * bs
+        return seq.num_computed_tokens
+
+    def cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Name the blocks of ``seq`` that are full once its first ``num_tokens`` tokens are computed."""
+        bs, first = self.block_size, seq.num_cached_blocks
+        full = num_tokens // bs
+        if full <= first:
+            return
+        hashes, tokens, cache = block_hashes(seq, first, bs), seq.token_ids, self.cache
+        for j in range(first, full):  # usually one block (a decode filled it)
+            block_tokens, parent, keys = tokens[j * bs : (j + 1) * bs], hashes[j - 1] if j else ROOT, extra_keys(seq, j)
+            if j == len(hashes):
+                hashes.append(hash_block(parent, block_tokens, keys))
+            cache.insert(seq.block_ids[j], hashes[j], parent, block_tokens, keys)
+        seq.num_cached_blocks = full
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix, free or in use; returns the number of blocks forgotten.
+
+        Blocks in use keep their K/V for the sequences holding them; only new
+        lookups stop finding them (those sequences do not name them again).
+        """
+        return self.pool.forget_cached()
+
+    # -- accounting ----------------------------------------------------------
+
+    def slot_usage(self, seqs: Iterable[Sequence]) -> tuple[int, int]:
+        """``(allocated, used)`` slots between steps, given every sequence that holds blocks.
+
+        Allocated: the slots of the blocks in use. Used: those holding K/V
+        (a block shared by several sequences counts once). Between steps a
+        sequence holds ``ceil(num_computed_tokens / block_size)`` blocks, all
+        full but its last, so the unused slots are the empty tails of the
+        distinct last blocks.
+        """
+        bs = self.block_size
+        allocated = (self.pool.num_blocks - self.pool.num_free) * bs
+        unused, seen = 0, set()
+        for seq in seqs:
+            blocks = seq.block_ids
+            if blocks and blocks[-1] not in seen:
+                seen.add(blocks[-1])
+                unused += len(blocks) * bs - seq.num_computed_tokens
+        return allocated, allocated - unused

@@ -23,6 +23,7 @@ from framework.engine.request_params import check_params, seed_generators
 from framework.engine.scheduler import Scheduler
 from framework.engine.sequence_group import SequenceGroup
 from framework.engine.sequence_ops import GroupOps
+from framework.engine.stats import EngineStats
 from framework.engine.step_results import SampledToken
 from framework.model_config import (
     HFConfig,
@@ -58,7 +59,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, self.registries, self.device, quant)
         self.num_blocks = self._num_kv_blocks(free_before)
         self.runner.init_kv_cache(self.num_blocks)
-        self.kv = KVCacheManager(self.num_blocks, config.block_size)
+        self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.outputs = OutputProcessor(self.tokenizer, self.model_config.eos_token_ids, self.model_config.max_model_len)
         self._groups: dict[str, SequenceGroup] = {}
@@ -191,8 +192,13 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one step; return the outputs of every request that got a token."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Run one step; return the outputs of every request that got a token.
+
+        With ``final_only``, only those of the requests that finished (offline
+        generation needs no more, and building an output per running request
+        per step is the largest host cost of a large batch).
+        """
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -200,7 +206,12 @@ class LLMEngine:
         for group in batch.groups:
             if group.first_scheduled_time is None:
                 group.first_scheduled_time = now
-        result = self.runner.execute(batch)
+        try:
+            result = self.runner.execute(batch)
+        except BaseException:
+            # The blocks this step was to fill are named in the prefix cache already; their K/V may be garbage.
+            self.kv.reset_prefix_cache()
+            raise
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         for group, entries in result.prompt_logprobs:
@@ -213,7 +224,7 @@ class LLMEngine:
             group.strategy.step(samples)
             if group.is_finished():
                 finished.append(group)
-            else:
+            elif not final_only:
                 outputs.append(self.outputs.request_output(group))
         self.scheduler.finish(finished)
         outputs += [self._release(group) for group in finished]
@@ -231,6 +242,38 @@ class LLMEngine:
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 
+    # -- stats and admin ---------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """Requests, KV-cache slots, prefix-cache counters and preemptions, as of now (between steps)."""
+        sched, kv = self.scheduler, self.kv
+        allocated, used = kv.slot_usage(seq for group in sched.running for seq in group.live_seqs())
+        cache = kv.cache
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            kv_cache_usage=kv.pool.usage(),
+            num_blocks=kv.pool.num_blocks,
+            block_size=kv.block_size,
+            allocated_slots=allocated,
+            used_slots=used,
+            cached_free_blocks=kv.pool.num_evictable,
+            prefix_cache_queries=cache.queries if cache is not None else 0,
+            prefix_cache_hits=cache.hits if cache is not None else 0,
+            num_preemptions=sched.num_preemptions,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (e.g. between benchmark runs); True when done.
+
+        Requests in flight keep their blocks; later requests find nothing
+        cached from before the reset. The counters are not reset.
+        """
+        dropped = self.kv.reset_prefix_cache()
+        if self.kv.caching:
+            logger.info("prefix cache reset: %d cached blocks forgotten", dropped)
+        return True
+
 
 def _by_request(samples: list[SampledToken]) -> list[tuple[SequenceGroup, list[SampledToken]]]:
     """The step's samples per request, each list in the order of the request's ``seqs``."""
@@ -239,8 +282,9 @@ def _by_request(samples: list[SampledToken]) -> list[tuple[SequenceGroup, list[S
         group = sample.seq.group
         groups.setdefault(id(group), (group, []))[1].append(sample)
     for group, group_samples in groups.values():
-        order = {id(seq): i for i, seq in enumerate(group.seqs)}
-        group_samples.sort(key=lambda s: order[id(s.seq)])
+        if len(group_samples) > 1:
+            order = {id(seq): i for i, seq in enumerate(group.seqs)}
+            group_samples.sort(key=lambda s: order[id(s.seq)])
     return list(groups.values())
 
 

@@ -1,12 +1,19 @@
 """The model runner: the only place where a step's batch becomes tensors.
 
-It owns the model, the KV cache and the samplers. ``execute`` takes a
-``ScheduledBatch``, performs its copy-on-write block copies, flattens it
-(``input_batch.prepare_batch``), runs the model on the new tokens only,
-computes logits only at the sampled rows (and at the prompt positions of
-requests that asked for ``prompt_logprobs``), samples on the device -- each
-row with the sampler its request names -- and copies the results to the host
-once (``step_results``).
+It owns the model, the KV cache, the decode CUDA graphs and the samplers.
+``execute`` takes a ``ScheduledBatch``, performs its copy-on-write block
+copies, flattens it (``input_batch.prepare_batch``), runs the model on the
+new tokens only -- a pure-decode step by replaying the CUDA graph of its
+batch-size bucket (``cuda_graphs``), any other step eagerly on persistent
+input buffers (``device_inputs``) -- computes logits only at the sampled rows
+(and at the prompt positions of requests that asked for ``prompt_logprobs``),
+samples on the device -- each row with the sampler its request names -- and
+copies the results to the host once (``step_results``).
+
+CUDA graphs are used on CUDA devices unless ``enforce_eager`` is set or the
+attention backend lacks ``supports_cuda_graphs``. They are captured by
+``init_kv_cache`` (they bake in the cache's address); ``profile_peak_memory``
+adds an estimate of their memory pool so that the KV cache leaves room.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ import logging
 import numpy as np
 import torch
 
-from framework.attention import BatchInputs
 from framework.config import EngineConfig
 from framework.engine.backend_selection import select_attention_backend
+from framework.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from framework.engine.device_inputs import StepInputs
 from framework.engine.input_batch import PreparedBatch, PromptLogprobRows, prepare_batch
 from framework.engine.sampling_inputs import build_sampling_metadata
 from framework.engine.scheduler import ScheduledBatch
@@ -33,6 +41,8 @@ from framework.model_loader import init_dummy_weights, load_weights
 from framework.registry import Registries
 
 logger = logging.getLogger(__name__)
+
+GRAPH_POOL_SLACK = 256 << 20  # bytes beyond the measured estimate (split-K buffers, cuBLAS workspaces)
 
 
 class ModelRunner:
@@ -62,11 +72,30 @@ class ModelRunner:
         self.model.eval()
         self.registries = registries
         self.samplers: dict[str, Sampler] = {}  # by name, made on first use
+        self._last_metadata = None  # (rows key, SamplingMetadata) of the last step, when reusable
         self.eos_token_ids = frozenset(model_config.eos_token_ids)
         self.block_dim = _block_dim(self.backend, model_config)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_cache: torch.Tensor | None = None
+        blocks_per_seq = -(-model_config.max_model_len // self.block_size)
+        self.inputs = StepInputs(
+            config.max_num_batched_tokens, config.max_num_seqs, blocks_per_seq, self.block_size, device
+        )
+        self.graphs: DecodeGraphs | None = None
+        self.use_cuda_graphs = self._cuda_graphs_wanted()
         logger.info("model %s loaded on %s; attention backend %r", model_config.architecture, device, self.backend.name)
+
+    def _cuda_graphs_wanted(self) -> bool:
+        if self.device.type != "cuda":
+            return False
+        reason = None
+        if self.config.enforce_eager:
+            reason = "enforce_eager is set"
+        elif not getattr(self.backend, "supports_cuda_graphs", False):
+            reason = f"attention backend {self.backend.name!r} does not support them"
+        if reason:
+            logger.info("CUDA graphs off: %s", reason)
+        return reason is None
 
     # -- KV cache ------------------------------------------------------------
 
@@ -82,10 +111,45 @@ class ModelRunner:
         self.kv_cache = torch.zeros((len(self.attn_layers), *shape), dtype=mc.kv_torch_dtype, device=self.device)
         for layer, cache in zip(self.attn_layers, self.kv_cache):
             layer.kv_cache = cache
+        if self.use_cuda_graphs:
+            self.enable_decode_graphs()
+
+    def enable_decode_graphs(self) -> None:
+        """Capture the decode graphs (on a CPU device: replay runs eagerly on the static buffers)."""
+        mc = self.model_config
+        self.graphs = DecodeGraphs(
+            self.model, self.backend, self.config.max_num_seqs, mc.max_model_len, self.block_size, self.device
+        )
+        self.graphs.capture()
+        sizes = self.graphs.sizes
+        logger.info(
+            "CUDA graphs: captured %d decode batch sizes (%s) in %.1f s, using %.2f GiB of GPU memory",
+            len(sizes), f"{sizes[0]}..{sizes[-1]}", self.graphs.capture_seconds, self.graphs.memory_bytes / 2**30,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def profile_peak_memory(self, num_tokens: int, num_seqs: int) -> int:
-        """Peak device bytes of a forward over ``num_tokens`` tokens (no KV cache) and sampling."""
+        """Device bytes the engine needs besides the KV cache.
+
+        The peak of a forward over ``num_tokens`` tokens (no KV cache) and
+        sampling, weights included; plus, when CUDA graphs will be captured,
+        an estimate of their private memory pool (which the eager steps cannot
+        reuse): the activations of a forward at the largest bucket, the
+        hidden states every graph keeps, and ``GRAPH_POOL_SLACK``.
+        """
+        peak = self._forward_peak(num_tokens, num_seqs)
+        if self.use_cuda_graphs:
+            sizes = capture_sizes(self.config.max_num_seqs)
+            weights = torch.cuda.memory_allocated(self.device)
+            activations = self._forward_peak(sizes[-1], sizes[-1]) - weights
+            hidden_bytes = sum(sizes) * self.model_config.hf_config.hidden_size * self.model_config.dtype.itemsize
+            reserve = activations + hidden_bytes + GRAPH_POOL_SLACK
+            logger.info("memory profile: forward peak %.2f GiB; CUDA-graph pool reserve %.2f GiB",
+                        peak / 2**30, reserve / 2**30)  # fmt: skip
+            peak += reserve
+        return peak
+
+    def _forward_peak(self, num_tokens: int, num_seqs: int) -> int:
         torch.cuda.reset_peak_memory_stats(self.device)
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.model_config.max_model_len
@@ -100,23 +164,22 @@ class ModelRunner:
 
     # -- one step ------------------------------------------------------------
 
-    def _batch_inputs(self, prepared: PreparedBatch) -> BatchInputs:
-        def dev(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(self.device, non_blocking=True)
-
-        return BatchInputs(
-            query_start_loc_np=prepared.query_start_loc,
-            seq_lens_np=prepared.seq_lens,
-            num_decodes=prepared.num_decodes,
-            max_query_len=int(np.diff(prepared.query_start_loc).max()),
-            max_seq_len=int(prepared.seq_lens.max()),
-            block_size=self.block_size,
-            query_start_loc=dev(prepared.query_start_loc),
-            seq_lens=dev(prepared.seq_lens),
-            block_tables=dev(prepared.block_tables),
-            slot_mapping=dev(prepared.slot_mapping),
-            positions=dev(prepared.positions),
-        )
+    def _logits(self, prepared: PreparedBatch) -> torch.Tensor | None:
+        """Run the model; logits at the sampled rows, then at the prompt-logprob rows (None: nothing to sample)."""
+        wanted = bool(prepared.sample_seqs) or prepared.prompt_logprobs is not None
+        if self.graphs is not None and prepared.prompt_logprobs is None and self.graphs.fits(prepared):
+            hidden = self.graphs.run(prepared)  # row i = sequence i
+            if not wanted:
+                return None
+            rows = prepared.logits_indices  # the decodes that sample, in order: all of them but for 1-token chunks
+            if len(rows) < len(hidden):
+                hidden = hidden[torch.from_numpy(rows).to(self.device, non_blocking=True)]
+            return self.model.compute_logits(hidden)
+        inputs, input_ids, rows = self.inputs.load(prepared)
+        metadata = self.backend.build_metadata(inputs)
+        with set_forward_context(metadata):
+            hidden = self.model(input_ids, inputs.positions)
+        return self.model.compute_logits(hidden[rows]) if wanted else None
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: ``kv_cache[..., dst, ...] = kv_cache[..., src, ...]`` in every layer, all at once."""
@@ -136,18 +199,10 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepResult:
         self._copy_blocks(batch.block_copies)
         prepared = prepare_batch(batch, self.block_size)
-        inputs = self._batch_inputs(prepared)
-        metadata = self.backend.build_metadata(inputs)
-        input_ids = torch.from_numpy(prepared.input_ids).to(self.device, non_blocking=True)
-        with set_forward_context(metadata):
-            hidden = self.model(input_ids, inputs.positions)
-        prompt = prepared.prompt_logprobs
-        if not prepared.sample_seqs and prompt is None:
+        logits = self._logits(prepared)
+        if logits is None:
             return StepResult()
-        rows = prepared.logits_indices
-        if prompt is not None:
-            rows = np.concatenate([rows, prompt.hidden_rows])
-        logits = self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device, non_blocking=True)])
+        prompt = prepared.prompt_logprobs
         num_sampled = len(prepared.logits_indices)
         vocab = logits.shape[-1]
         num_top = min(vocab, max((s.group.num_top_logprobs for s in prepared.sample_seqs), default=0))
@@ -175,9 +230,24 @@ class ModelRunner:
         return block
 
     def _sample_with(self, name: str, logits: torch.Tensor, seqs: list[Sequence], num_top: int, width: int):
-        metadata = build_sampling_metadata(seqs, logits.shape[-1], self.device, self.eos_token_ids, num_top)
-        out = self.sampler(name)(logits, metadata)
+        out = self.sampler(name)(logits, self._sampling_metadata(name, seqs, logits.shape[-1], num_top))
         return pack_rows(out.token_ids, out.logprobs, out.ranks, out.top_token_ids, out.top_logprobs, width)
+
+    def _sampling_metadata(self, name: str, seqs: list[Sequence], vocab_size: int, num_top: int):
+        """The step's ``SamplingMetadata``; the last one again when the rows are the same sequences.
+
+        Reuse is safe only without logits processing: every other field is a
+        function of the sequences' fixed parameters (penalty counts and
+        ``min_tokens`` bans change every step). In steady decoding the batch
+        is often unchanged, and rebuilding costs a Python pass over every row
+        and four host-to-device copies.
+        """
+        key = (name, num_top, vocab_size, tuple(s.seq_id for s in seqs))
+        if self._last_metadata is not None and self._last_metadata[0] == key:
+            return self._last_metadata[1]
+        metadata = build_sampling_metadata(seqs, vocab_size, self.device, self.eos_token_ids, num_top)
+        self._last_metadata = (key, metadata) if metadata.no_logits_processing else None
+        return metadata
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt: PromptLogprobRows, width: int, device) -> torch.Tensor:

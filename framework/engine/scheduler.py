@@ -28,6 +28,17 @@ Policy (FCFS):
      shared); each keeps its generator, so seeded output does not change;
   2. then waiting requests, oldest first, while budget, sequence cap and
      blocks allow -- but none in a step that had to preempt.
+
+Prefix caching (when the KV manager has a cache): on admission, and on
+re-admission after a preemption, each live sequence of the request first
+takes the longest cached run of full blocks that starts its tokens
+(``KVCacheManager.reuse_cached_prefix``) and starts with that many tokens
+computed -- never all of them: the last token is always computed, so the
+step samples. Requests that want ``prompt_logprobs`` still to be computed
+skip the lookup (they need every prompt position's logits). The full blocks
+a planned step fills are named at once (``_add``), so a request admitted
+later in the same step shares them. If the request cannot be admitted after
+all, its cached blocks are given back.
 """
 
 from __future__ import annotations
@@ -129,9 +140,13 @@ class Scheduler:
             width = group.max_num_running_seqs()
             if num_seqs + width > self.max_num_seqs:
                 break
+            looked_up = self._reuse_cached_prefix(group)
             plan = _plan(group, budget)
             if not plan or not self._allocate_all(plan):
+                self._release_blocks(group)
                 break
+            if looked_up is not None:
+                self.kv.cache.record(*looked_up)
             self.waiting.popleft()
             for seq in group.live_seqs():
                 seq.status = SequenceStatus.RUNNING
@@ -139,24 +154,42 @@ class Scheduler:
             budget -= self._add(batch, group, plan)
             num_seqs += width
 
+    def _reuse_cached_prefix(self, group: SequenceGroup) -> tuple[int, int] | None:
+        """Give a waiting request's sequences their cached prefixes; ``(tokens looked up, tokens found)``.
+
+        None when nothing was looked up (no prefix cache, or the request
+        still needs prompt logprobs).
+        """
+        if not self.kv.caching or group.needs_prompt_logprobs:
+            return None
+        seqs = group.live_seqs()
+        hit = sum(self.kv.reuse_cached_prefix(seq) for seq in seqs)
+        return sum(seq.num_tokens for seq in seqs), hit
+
     def _allocate_all(self, plan: Plan) -> bool:
-        """Blocks for a waiting request's plan, all or none (its sequences hold no blocks yet)."""
-        for seq, n in plan:
-            if not self.kv.allocate_slots(seq, n):
-                for s, _ in plan:
-                    self.kv.free(s)
-                return False
-        return True
+        """Blocks for a waiting request's plan, all or none (the caller releases a partial allocation)."""
+        return all(self.kv.allocate_slots(seq, n) for seq, n in plan)
+
+    def _release_blocks(self, group: SequenceGroup) -> None:
+        """A waiting request that was not admitted gives back every block it got (cached prefix included)."""
+        for seq in group.live_seqs():
+            self.kv.free(seq)
+            seq.num_computed_tokens = 0
 
     def _add(self, batch: ScheduledBatch, group: SequenceGroup, plan: Plan) -> int:
         """Put a planned request into the batch (forking it if it samples for the first time); returns its tokens."""
         if not plan:
             return 0
         total = 0
+        kv = self.kv
+        caching, block_size = kv.cache is not None, kv.block_size
         for seq, n in plan:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             total += n
+            # Name the blocks this step fills (the check inline: most steps fill none).
+            if caching and (seq.num_computed_tokens + n) // block_size > seq.num_cached_blocks:
+                kv.cache_full_blocks(seq, seq.num_computed_tokens + n)
         batch.groups.append(group)
         if group.fanout > 1 and not group.forked:
             parent, n = plan[0]

@@ -39,7 +39,13 @@ class Sequence:
     Forked sequences (parallel sampling, beam search) share blocks with
     their parent through the block pool's reference counts.
     Preemption by recompute frees the blocks and sets ``num_computed_tokens``
-    to 0: the prompt and the tokens generated so far are prefilled again.
+    to 0: the prompt and the tokens generated so far are prefilled again
+    (from the prefix cache, when enabled, as far as it still holds them).
+
+    Prefix caching: ``block_hashes[j]`` names full block j of ``token_ids``
+    (a function of the tokens only, so it survives preemption and is copied
+    to forks); the first ``num_cached_blocks`` of ``block_ids`` are already
+    registered in the prefix cache (or found there).
     """
 
     def __init__(
@@ -61,6 +67,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []
+        self.num_cached_blocks = 0
         # output state
         self.output_text = ""
         self.cumulative_logprob = 0.0
@@ -73,8 +81,10 @@ class Sequence:
         child = copy.copy(self)
         child.seq_id = next(_ids)
         child.token_ids = list(self.token_ids)
+        child.block_hashes = list(self.block_hashes)
         child.logprobs = None if self.logprobs is None else list(self.logprobs)
         child.block_ids = []
+        child.num_cached_blocks = 0
         return child
 
     @property

@@ -1,4 +1,4 @@
-"""The ``framework`` command: ``serve``, ``generate``, ``plugins``."""
+"""The ``framework`` command: ``serve``, ``generate``, ``bench``, ``plugins``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,38 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "throughput":
+        from framework.bench.offline import run_throughput
+
+        run_throughput(args)
+    elif args.bench == "latency":
+        from framework.bench.offline import run_latency
+
+        run_latency(args)
+    else:
+        from framework.bench.serve import run_serve
+
+        summary = run_serve(args)
+        return 0 if summary["completed"] else 1
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from framework.bench.offline import add_latency_args, add_throughput_args
+    from framework.bench.serve import add_serve_args
+
+    bench = sub.add_parser("bench", help="benchmarks: offline throughput and latency, or a running server")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    throughput = kinds.add_parser("throughput", help="offline throughput of a request set (W1 by default)")
+    add_throughput_args(throughput)
+    latency = kinds.add_parser("latency", help="offline latency of fixed batches, per batch size")
+    add_latency_args(latency)
+    serve = kinds.add_parser("serve", help="load a running server (/v1/completions, streamed)")
+    add_serve_args(serve)
+    bench.set_defaults(func=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framework", description="LLM inference and serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     gen.set_defaults(func=_generate)
+
+    _add_bench(sub)
 
     plugins = sub.add_parser("plugins", help="list installed plugins and what each registers")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")

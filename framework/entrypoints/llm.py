@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence, Union
 
 from framework.config import ConfigLike, load_config
 from framework.engine.llm_engine import LLMEngine
+from framework.engine.stats import EngineStats
 from framework.outputs import RequestOutput
 from framework.sampling_params import SamplingParams
 
@@ -29,6 +30,14 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def get_stats(self) -> EngineStats:
+        """The engine's counters and KV-cache accounting (prefix-cache hits, preemptions, slots)."""
+        return self.engine.stats()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (``enable_prefix_caching``); True when done."""
+        return self.engine.reset_prefix_cache()
 
     def generate(
         self,
@@ -87,7 +96,7 @@ class LLM:
         wanted = set(request_ids)
         try:
             while len(finished) < len(request_ids):
-                for out in self.engine.step():
+                for out in self.engine.step(final_only=True):
                     if out.finished and out.request_id in wanted:
                         finished[out.request_id] = out
                         if bar is not None:

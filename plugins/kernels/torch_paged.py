@@ -76,6 +76,7 @@ class TorchPagedAttention(AttentionBackend):
 
     name = "torch"
     priority = 0
+    supports_cuda_graphs = False  # decode gathers are sized from host data (seq_lens_np), so no graph replay
 
     @classmethod
     def supports(

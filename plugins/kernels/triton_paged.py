@@ -79,6 +79,7 @@ class TritonPagedAttention(AttentionBackend):
 
     name = "triton"
     priority = 10
+    supports_cuda_graphs = True  # see the module docstring: shapes come from host ints; padding is skipped
 
     @classmethod
     def supports(

@@ -26,6 +26,15 @@ Log-probabilities are those of the RAW logits (before processing,
 temperature and the filters), as in vLLM: ``logits[token] -
 logsumexp(logits)``; rows in ``metadata.processed_logprob_rows`` (beam search)
 get those of the processed logits instead.
+
+On a GPU (float32 logits with unit stride, Triton installed) steps 1-4 are
+one Triton program per row (``triton_sampling``) that finds each row's cut
+without sorting the vocabulary, and the penalties are one Triton pass
+(``triton_penalties``). The torch code here is the reference and the CPU
+path. Both draw the same noise ``q``, so a row's token depends only on its
+logits, its parameters and its noise. Tokens tied at the top-k / top-p cut
+are kept in vocabulary order (lowest id first) on both paths, as a stable
+sort ranks them.
 """
 
 from __future__ import annotations
@@ -41,9 +50,17 @@ _GREEDY_EPS = 1e-5
 
 
 class StandardSampler(Sampler):
-    """Greedy / temperature / top-k / top-p / min-p sampling with penalties and raw logprobs."""
+    """Greedy / temperature / top-k / top-p / min-p sampling with penalties and raw logprobs.
+
+    Args:
+        use_triton: None (default): the Triton kernels for CUDA tensors, torch
+            otherwise; True / False force one path (tests, benchmarks).
+    """
 
     name = "standard"
+
+    def __init__(self, use_triton: bool | None = None):
+        self.use_triton = use_triton
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """Sample one token per row.
@@ -56,9 +73,13 @@ class StandardSampler(Sampler):
             when ``metadata.max_num_logprobs > 0``, the top logprobs and ranks.
         """
         logits = logits.float()
-        processed = apply_logits_processors(logits, metadata)
+        use_triton = self._triton_path(logits)
+        processed = apply_logits_processors(logits, metadata, use_triton)
+        lse = None  # logsumexp of the processed rows, when the kernel computed it
         if metadata.all_greedy:
             token_ids = processed.argmax(dim=-1)
+        elif use_triton:
+            token_ids, lse = _triton_sample(processed, metadata)  # greedy rows included
         else:
             token_ids = _random_sample(processed, metadata)
             if not metadata.all_random:
@@ -67,11 +88,42 @@ class StandardSampler(Sampler):
         source = logits
         if metadata.processed_logprob_rows is not None and processed is not logits:
             source = torch.where(metadata.processed_logprob_rows.unsqueeze(1), processed, logits)
-        return _logprobs(source, token_ids, metadata.max_num_logprobs)
+        return _logprobs(source, token_ids, metadata.max_num_logprobs, lse if source is processed else None)
+
+    def _triton_path(self, logits: torch.Tensor) -> bool:
+        if self.use_triton is not None:
+            return self.use_triton
+        return logits.is_cuda and logits.stride(-1) == 1 and _triton_available()
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_sample(logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (greedy rows: the argmax) and each row's logsumexp, by ``triton_sampling``."""
+    from plugins.samplers import triton_sampling
+
+    q = exponential_noise(logits, md.generators)
+    return triton_sampling.filtered_sample(
+        logits, q, md.temperature,
+        None if md.no_top_k else md.top_k,
+        None if md.no_top_p else md.top_p,
+        None if md.no_min_p else md.min_p,
+    )  # fmt: skip
 
 
 def _random_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     """Tokens ``[N]`` drawn from every row's filtered distribution (greedy rows: any)."""
+    return filtered_race(logits, md, exponential_noise(logits, md.generators))
+
+
+def filtered_race(logits: torch.Tensor, md: SamplingMetadata, q: torch.Tensor) -> torch.Tensor:
+    """Steps 1-4 of the module docstring with the noise ``q`` given (the reference of ``triton_sampling``)."""
     # Greedy rows get temperature 1 here so nothing divides by zero; their
     # draw is replaced by the argmax afterwards.
     temperature = md.temperature.masked_fill(md.temperature < _GREEDY_EPS, 1.0)
@@ -83,7 +135,7 @@ def _random_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         # Relative threshold: invariant to the renormalisation the filters imply.
         threshold = md.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < threshold, 0.0)
-    return _exponential_race(probs, md.generators)
+    return _exponential_race(probs, q)
 
 
 def _apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
@@ -95,7 +147,7 @@ def _apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch
         top_p: ``[N]`` float32 or None; 1.0 is off.
     """
     vocab = x.shape[-1]
-    x_sorted, order = x.sort(dim=-1, descending=True)
+    x_sorted, order = x.sort(dim=-1, descending=True, stable=True)  # ties: lowest id first
     # drop[i, j]: the token ranked j-th in row i is filtered out.
     drop = torch.zeros_like(x_sorted, dtype=torch.bool)
     if top_k is not None:
@@ -116,29 +168,37 @@ def _apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch
     return x.masked_fill(drop_vocab, float("-inf"))
 
 
-def _exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """``argmax(probs / q)`` with ``q ~ Exponential(1)``: a draw from ``probs`` per row.
+def exponential_noise(like: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """``q ~ Exponential(1)`` i.i.d., shaped like ``like``: the noise of the exponential race.
 
     Rows in ``generators`` draw their ``q`` from their own generator (exactly
     V numbers per step), so a seeded request's tokens do not depend on the
     rest of the batch; the other rows use the device's default generator.
     """
-    q = torch.empty_like(probs).exponential_()
+    q = torch.empty_like(like).exponential_()
     for row, generator in generators.items():
         q[row].exponential_(generator=generator)
+    return q
+
+
+def _exponential_race(probs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``argmax(probs / q)`` with ``q ~ Exponential(1)``: a draw from ``probs`` per row (clamps ``q`` in place)."""
     # q == 0 (possible in float) would turn a filtered 0 into 0/0 = nan, which
     # argmax would pick; the smallest normal float keeps 0 / q == 0.
     q.clamp_(min=torch.finfo(q.dtype).tiny)
     return (probs / q).argmax(dim=-1)
 
 
-def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> SamplerOutput:
+def _logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_top: int, lse: torch.Tensor | None = None
+) -> SamplerOutput:
     """Raw-logit logprobs of ``token_ids``, plus top-``num_top`` and ranks when asked.
 
     ``log_softmax(logits)[t] = logits[t] - logsumexp(logits)``: only the
     gathered entries are computed, never a second ``[N, V]`` tensor.
+    ``lse``: the rows' logsumexp when already known (``[N]``).
     """
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True) if lse is None else lse.unsqueeze(1)
     chosen = logits.gather(1, token_ids.unsqueeze(1))
     out = SamplerOutput(token_ids=token_ids, logprobs=(chosen - lse).squeeze(1))
     if num_top > 0:

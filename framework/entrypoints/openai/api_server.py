@@ -17,7 +17,7 @@ from typing import Optional
 from fastapi import APIRouter, FastAPI, Request, Response
 
 import framework
-from framework.engine.async_engine import AsyncLLMEngine
+from framework.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from framework.engine.llm_engine import LLMEngine
 from framework.entrypoints.openai.chat_template import load_chat_template
 from framework.entrypoints.openai.cli_args import ServerConfig
@@ -98,6 +98,17 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     return await until_disconnect(request, request.app.state.generate.create(body))
 
 
+@router.post("/reset_prefix_cache", responses=_ERRORS)
+async def reset_prefix_cache(request: Request) -> Response:
+    """Forget every cached prompt prefix (an admin call, behind the API key); 200 when done."""
+    engine: AsyncLLMEngine = request.app.state.engine
+    try:
+        await engine.reset_prefix_cache()
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc), code="engine_unavailable") from exc
+    return Response(status_code=200)
+
+
 @router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     return request.app.state.tokenization.tokenize(body)
@@ -134,7 +145,7 @@ def build_app(llm_engine: LLMEngine, server: ServerConfig) -> FastAPI:
     mc = llm_engine.model_config
     names = server.served_model_name or [llm_engine.config.model or DEMO_MODEL_NAME]
     model = ServedModel(names=list(names), root=str(mc.path), max_model_len=mc.max_model_len, vocab_size=mc.vocab_size)
-    metrics = ServerMetrics(model.names[0])
+    metrics = ServerMetrics(model.names[0], stats=llm_engine.stats)
     engine = AsyncLLMEngine(llm_engine, server.max_queued_requests, observers=[metrics])
     tokenizer = load_tokenizer(llm_engine.config.tokenizer or mc.path)  # the engine thread keeps its own
     chat_template = load_chat_template(server.chat_template)

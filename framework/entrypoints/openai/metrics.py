@@ -2,8 +2,13 @@
 
 ``ServerMetrics`` is a ``StepObserver``: the engine thread calls
 ``observe`` after every loop iteration with the outputs of that iteration
-and the scheduler's gauges. Each server has its own ``CollectorRegistry``,
-so several servers (or tests) in one process never clash.
+and the scheduler's gauges. It also reads the engine's ``EngineStats``
+(prefix-cache queries and hits, preemptions, KV slots): at most every
+``STATS_PERIOD`` seconds while the engine is busy (a snapshot walks the
+running sequences) and after every iteration that leaves it idle, so the
+counters are exact whenever nothing runs. Each server has its own
+``CollectorRegistry``, so several servers (or tests) in one process never
+clash.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +27,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from framework.engine.stats import EngineStats
 from framework.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -28,6 +35,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "framework:"
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0]
 TPOT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+STATS_PERIOD = 0.25  # seconds between two EngineStats snapshots while the engine is busy
 E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 300.0]
 
 
@@ -38,9 +46,15 @@ class _RequestState:
 
 
 class ServerMetrics:
-    """The server's metrics; ``render()`` is the /metrics body."""
+    """The server's metrics; ``render()`` is the /metrics body.
 
-    def __init__(self, model_name: str):
+    Args:
+        model_name: the ``model_name`` label.
+        stats: the engine's ``stats`` method, called on the engine thread
+            (None: no prefix-cache, preemption or slot figures).
+    """
+
+    def __init__(self, model_name: str, stats: Optional[Callable[[], EngineStats]] = None):
         self.registry = CollectorRegistry()
         labels, r = ["model_name"], self.registry
 
@@ -70,6 +84,16 @@ class ServerMetrics:
         self._success = Counter(
             PREFIX + "request_success", "Finished requests by finish reason.", labels + ["finished_reason"], registry=r
         )
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r).labels(model_name)
+
+        self.prefix_queries = counter("prefix_cache_queries", "Prefix cache queries, in prompt tokens looked up.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prefix cache hits, in prompt tokens found cached.")
+        self.preemptions = counter("num_preemptions", "Requests preempted by the scheduler.")
+        self._stats_source = stats
+        self._next_stats = 0.0
+        self._engine_stats: Optional[EngineStats] = None  # the last snapshot (engine thread writes, log reads)
         self.model_name = model_name
         self._requests: dict[str, _RequestState] = {}  # engine thread only
         # totals for the log line (engine thread writes, the log task reads)
@@ -90,6 +114,16 @@ class ServerMetrics:
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
         self._gauges = (running, waiting, kv_usage)
+        if self._stats_source is not None and (now >= self._next_stats or not (running or waiting)):
+            self._next_stats = now + STATS_PERIOD
+            self._observe_stats(self._stats_source())
+
+    def _observe_stats(self, stats: EngineStats) -> None:
+        last = self._engine_stats
+        self.prefix_queries.inc(stats.prefix_cache_queries - (last.prefix_cache_queries if last else 0))
+        self.prefix_hits.inc(stats.prefix_cache_hits - (last.prefix_cache_hits if last else 0))
+        self.preemptions.inc(stats.num_preemptions - (last.num_preemptions if last else 0))
+        self._engine_stats = stats
 
     def _observe_request(self, out: RequestOutput, now: float) -> None:
         state = self._requests.setdefault(out.request_id, _RequestState())
@@ -121,7 +155,7 @@ class ServerMetrics:
     # -- the periodic log line (event loop) ------------------------------------------
 
     def stats_line(self) -> str | None:
-        """Throughput since the last call, running/waiting and KV usage; None when idle."""
+        """Throughput since the last call, running/waiting, KV usage and engine counters; None when idle."""
         now = time.monotonic()
         last_time, last_prompt, last_gen = self._last_log
         prompt, gen = self._totals
@@ -130,11 +164,19 @@ class ServerMetrics:
         if prompt == last_prompt and gen == last_gen and not running and not waiting:
             return None
         elapsed = max(now - last_time, 1e-9)
-        return (
+        line = (
             f"Avg prompt throughput: {(prompt - last_prompt) / elapsed:.1f} tokens/s, "
             f"Avg generation throughput: {(gen - last_gen) / elapsed:.1f} tokens/s, "
             f"Running: {running} reqs, Waiting: {waiting} reqs, KV cache usage: {kv * 100:.1f}%"
         )
+        stats = self._engine_stats
+        if stats is not None:
+            line += (
+                f", KV slots used: {stats.used_slots}/{stats.allocated_slots} allocated, "
+                f"Prefix cache hit rate: {stats.prefix_cache_hit_rate * 100:.1f}%, "
+                f"Preemptions: {stats.num_preemptions}"
+            )
+        return line
 
     async def log_periodically(self, interval: float) -> None:
         while True:

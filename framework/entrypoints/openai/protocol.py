@@ -57,6 +57,7 @@ class SamplingFields(RequestModel):
     skip_special_tokens: bool = True
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    cache_salt: Optional[str] = Field(None, description="prefix caching: share cached KV blocks only with this salt")
 
 
 class SamplingRequest(SamplingFields):

@@ -4,7 +4,8 @@ NAMES = [
     "framework:num_requests_running", "framework:num_requests_waiting", "framework:kv_cache_usage_perc",
     "framework:prompt_tokens_total", "framework:generation_tokens_total",
     "framework:time_to_first_token_seconds_count", "framework:time_per_output_token_seconds_count",
-    "framework:e2e_request_latency_seconds_count",
+    "framework:e2e_request_latency_seconds_count", "framework:prefix_cache_queries_total",
+    "framework:prefix_cache_hits_total", "framework:num_preemptions_total",
 ]  # fmt: skip
 
 
@@ -25,6 +26,9 @@ def test_metrics_count_tokens_requests_and_latencies(server, client):
     assert delta["framework:time_to_first_token_seconds_count"] == 1
     assert delta["framework:e2e_request_latency_seconds_count"] == 1
     assert delta["framework:time_per_output_token_seconds_count"] == 6  # one per token after the first
+    # prefix caching is on by default: the prompt is looked up (shorter than a block, it cannot hit)
+    assert delta["framework:prefix_cache_queries_total"] == result.usage.prompt_tokens
+    assert delta["framework:prefix_cache_hits_total"] == 0
     success = "framework:request_success_total"
     assert _value(after, success, 'finished_reason="length"') - _value(before, success, 'finished_reason="length"') == 1
     assert all('model_name="tiny"' in k for k in after if k.startswith("framework:"))

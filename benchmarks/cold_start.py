@@ -1,0 +1,86 @@
+"""Cold start of ``framework serve``: seconds from launch to ``GET /health`` = 200.
+
+Starts ``framework serve MODEL --load-format dummy --dtype bfloat16 [any other
+flags]`` with an empty Triton cache (a fresh ``TRITON_CACHE_DIR``, so kernel
+compilation is counted), polls /health every 0.1 s, and reports the time with
+the engine's own start-up log lines (KV-cache size, CUDA-graph capture).
+With ``--bench-prompts N`` it then runs ``framework bench serve`` against the
+server (W1 lengths, all at once) before stopping it.
+
+    python benchmarks/cold_start.py /tmp/llama3-8b --bench-prompts 200 --out /tmp/out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--bench-prompts", type=int, default=0)
+    parser.add_argument("--vocab-size", type=int, default=128000, help="bench serve: random prompt ids are < this")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args, extra = parser.parse_known_args()  # unknown flags go to `framework serve`
+    import httpx
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="triton-cold-"), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "framework", "serve", args.model, "--load-format", "dummy", "--dtype", "bfloat16",
+           "--port", str(port), "--log-stats-interval", "0", *extra]  # fmt: skip
+    log_path = args.out / "serve.log"
+    log = open(log_path, "w")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    ready = None
+    try:
+        while time.perf_counter() - start < args.timeout and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    ready = time.perf_counter() - start
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        result = {"command": " ".join(cmd[1:]), "ready_s": None if ready is None else round(ready, 2)}
+        log.flush()
+        result["log"] = [line for line in log_path.read_text().splitlines()
+                         if any(k in line for k in ("KV cache", "CUDA graphs", "memory profile", "loaded"))]  # fmt: skip
+        print(json.dumps(result, indent=1), flush=True)
+        if ready is not None and args.bench_prompts:
+            bench = [sys.executable, "-m", "framework", "bench", "serve", "--base-url", url, "--num-prompts",
+                     str(args.bench_prompts), "--vocab-size", str(args.vocab_size), "--logprobs", "0",
+                     "--output-json", str(args.out / "bench_serve.json")]  # fmt: skip
+            subprocess.run(bench, timeout=args.timeout, check=False)
+        (args.out / "cold_start.json").write_text(json.dumps(result, indent=1))
+        return 0 if ready is not None else 1
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
