@@ -113,5 +113,10 @@ class AttentionBackend:
         kv_cache: torch.Tensor | None,  # kv_cache_shape(...); None while profiling memory
         metadata: Any,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        """Write the new K/V at ``slot_mapping`` and attend causally over each sequence's cache."""
+        """Write the new K/V at ``slot_mapping`` and attend causally over each sequence's cache.
+
+        Contract: every new K/V of the step is written before any token
+        attends. Prefix caching relies on it: requests admitted in the same
+        step may read blocks that another request of the step is filling.
+        """
         raise NotImplementedError
