@@ -62,8 +62,8 @@ def main() -> int:
             time.sleep(0.1)
         result = {"command": " ".join(cmd[1:]), "ready_s": None if ready is None else round(ready, 2)}
         log.flush()
-        result["log"] = [line for line in log_path.read_text().splitlines()
-                         if any(k in line for k in ("KV cache", "CUDA graphs", "memory profile", "loaded"))]  # fmt: skip
+        keys = ("KV cache", "CUDA graphs", "memory profile", "loaded")
+        result["log"] = [line for line in log_path.read_text().splitlines() if any(k in line for k in keys)]
         print(json.dumps(result, indent=1), flush=True)
         if ready is not None and args.bench_prompts:
             bench = [sys.executable, "-m", "framework", "bench", "serve", "--base-url", url, "--num-prompts",

@@ -50,7 +50,8 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     curve = roofline_curve(ModelShape.named(args.shape), sizes, context, roof["matmul_tflops"] * 1e12,
                            roof["copy_gb_s"] * 1e9)  # fmt: skip
-    ax.plot(sizes, curve, "k--", label=f"decode roofline ({roof['copy_gb_s']:.0f} GB/s, {roof['matmul_tflops']:.0f} TFLOP/s)")
+    label = f"decode roofline ({roof['copy_gb_s']:.0f} GB/s, {roof['matmul_tflops']:.0f} TFLOP/s)"
+    ax.plot(sizes, curve, "k--", label=label)
     ax.plot(sizes, [r["output_tokens_per_second"] for r in lat["results"]], "o-", label="framework (CUDA graphs)")
     if args.eager and args.eager.is_file():
         eager = json.loads(args.eager.read_text())["results"]
@@ -61,7 +62,7 @@ def main() -> None:
         static = [r for r in rows if r.get("peer") == "generate-static"]
         if static:
             ax.plot([r["batch_size"] for r in static], [r["output_tok_s"] for r in static], "^", markersize=9,
-                    label="transformers generate (static cache)")  # fmt: skip
+                    label="transformers generate, static cache (W1 prompts, 256 new tokens)")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size (sequences)")

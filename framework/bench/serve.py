@@ -47,7 +47,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=256, help="random prompt ids are < this")
     parser.add_argument("--max-model-len", type=int, default=4096, help="ShareGPT: skip longer conversations")
     parser.add_argument("--dataset-seed", type=int, default=0)
-    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="requests/s (Poisson arrivals); inf: all at once")  # fmt: skip
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     parser.add_argument("--temperature", type=float, default=0.0)

@@ -122,6 +122,10 @@ class ModelRunner:
         )
         self.graphs.capture()
         sizes = self.graphs.sizes
+        if self.device.type != "cuda":
+            logger.info("decode graphs: %d bucket sizes, run eagerly on static buffers (no capture on %s)",
+                        len(sizes), self.device.type)  # fmt: skip
+            return
         logger.info(
             "CUDA graphs: captured %d decode batch sizes (%s) in %.1f s, using %.2f GiB of GPU memory",
             len(sizes), f"{sizes[0]}..{sizes[-1]}", self.graphs.capture_seconds, self.graphs.memory_bytes / 2**30,
