@@ -75,11 +75,12 @@ class StandardSampler(Sampler):
         logits = logits.float()
         use_triton = self._triton_path(logits)
         processed = apply_logits_processors(logits, metadata, use_triton)
-        lse = None  # logsumexp of the processed rows, when the kernel computed it
+        lse = None  # logsumexp of the raw rows, when the kernel computed it
         if metadata.all_greedy:
             token_ids = processed.argmax(dim=-1)
         elif use_triton:
-            token_ids, lse = _triton_sample(processed, metadata)  # greedy rows included
+            # Greedy rows included; lse: of the raw logits (their logprobs are returned).
+            token_ids, lse = _triton_sample(processed, logits, metadata)
         else:
             token_ids = _random_sample(processed, metadata)
             if not metadata.all_random:
@@ -88,7 +89,7 @@ class StandardSampler(Sampler):
         source = logits
         if metadata.processed_logprob_rows is not None and processed is not logits:
             source = torch.where(metadata.processed_logprob_rows.unsqueeze(1), processed, logits)
-        return _logprobs(source, token_ids, metadata.max_num_logprobs, lse if source is processed else None)
+        return _logprobs(source, token_ids, metadata.max_num_logprobs, lse if source is logits else None)
 
     def _triton_path(self, logits: torch.Tensor) -> bool:
         if self.use_triton is not None:
@@ -104,16 +105,20 @@ def _triton_available() -> bool:
     return True
 
 
-def _triton_sample(logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens (greedy rows: the argmax) and each row's logsumexp, by ``triton_sampling``."""
+def _triton_sample(
+    processed: torch.Tensor, raw: torch.Tensor, md: SamplingMetadata
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (greedy rows: the argmax) and the logsumexp of each raw row, by ``triton_sampling``."""
     from plugins.samplers import triton_sampling
 
-    q = exponential_noise(logits, md.generators)
+    q = exponential_noise(processed, md.generators)
     return triton_sampling.filtered_sample(
-        logits, q, md.temperature,
+        processed, q, md.temperature,
         None if md.no_top_k else md.top_k,
         None if md.no_top_p else md.top_p,
         None if md.no_min_p else md.min_p,
+        raw=None if raw is processed else raw,
+        any_greedy=not md.all_random,
     )  # fmt: skip
 
 

@@ -9,12 +9,12 @@ sorting V = 128k numbers, then runs the exponential race of
 at the cut taken in vocabulary order (lowest id first), as a stable sort
 ranks them.
 
-Per row (``s = x / temperature``; mass ``e = exp(s - max s)``, so the top
-token has mass 1):
+Per row (``s = x / temperature``, divided as torch divides; mass
+``e = exp(s - max s)``, so the top token has mass 1):
 
-1. one pass: ``max x``, ``sum exp(x - max x)`` (the row's logsumexp, returned
-   for the raw-logprob path), the same for ``s``, ``min s`` over finite
-   values, the finite count and ``argmax x`` (greedy rows stop here);
+1. one pass: per-lane online logsumexps of x (or of the raw logits, whose
+   logprobs are returned) and of s, ``min s`` over finite values, the finite
+   count and the first ``argmax x`` (greedy rows stop here);
 2. top-k (count target ``k``) and then top-p (mass target ``top_p * S``, S
    the mass of the top-k set or of the row): a bracket ``[lo, hi)`` of
    order-preserving int32 keys of ``s`` holds the cut; the elements at or
@@ -26,18 +26,23 @@ token has mass 1):
    where the target is crossed. Top-p starts at a bound no cut can be
    below: ``e_v > (1 - top_p) * S / V``;
 3. when at most ``CAP`` elements are left in the bracket (or everything at
-   or above ``lo`` fits) they are copied to a per-row scratch row, sorted in
-   registers and the cut is read off their cumulative count / mass exactly
-   as the reference does on the full sort. A bracket of a single value
-   (ties) is cut arithmetically;
+   or above ``lo`` fits) they are copied, in vocabulary order with their
+   token ids, to a per-row scratch row, sorted in registers, and the cut is
+   read off their cumulative count / mass exactly as the reference does on
+   the full sort; the id of the last tied token kept comes from the copy. A
+   bracket of a single value (more ties than CAP) is cut arithmetically and
+   its ties are ranked during the race;
 4. one pass: ``token = argmax(e / max(q, tiny))`` over the kept tokens whose
    mass is ``>= min_p`` (the top token has mass 1, so this is min-p's
    ``probs < min_p * max(probs)``), ``q`` being the caller's Exponential(1)
    noise (``standard.exponential_noise``: seeded rows keep their own
-   generators).
+   generators); ties of the race go to the lowest id, as ``argmax``.
 
-Cost per row: 3 to 5 reads of the row plus one of ``q`` (typical logits need
-one bracket pass; flat ones two), against a full sort of ``[N, V]``.
+The passes keep per-lane partial results and reduce them once at the end,
+and load the next blocks while the current one is used: a program per row
+leaves few warps per multiprocessor, so latency, not bandwidth, is what the
+loops must hide. Cost per row: 3 to 5 reads of the row plus one of ``q``
+(typical logits need one or two bracket passes).
 
 The cumulative masses are float32 sums in a different order from the
 reference's ``cumsum``; a token whose cumulative mass lies within float
@@ -51,286 +56,270 @@ import torch
 import triton
 import triton.language as tl
 
+from plugins.samplers.triton_cut import (
+    INT32_MIN,
+    cut_at,
+    key_of,
+    narrow_bracket,
+    scaled,
+    sorted_bracket,
+    take_all_if_small,
+    tie_limit_id,
+    tied_mass_count,
+    value_of,
+)
+
 GREEDY_EPS = tl.constexpr(1e-5)  # rows with a lower temperature are greedy (as SamplingParams)
-MAX_PASSES = tl.constexpr(64)  # bracket passes per search; 33 always suffice (see the module docstring)
-_INT32_MIN = tl.constexpr(-2147483648)
-DEFAULT_CONFIG = dict(BLOCK=4096, BLOCK_E=1024, CAP=2048, NUM_PIVOTS=16, STAGES=1, num_warps=8)
+# The fastest of benchmarks/bench_sampler.py's candidates on an H200 (N=256, V=128256), 2026-11-21.
+DEFAULT_CONFIG = dict(BLOCK=2048, BLOCK_E=512, BLOCK_C=4096, CAP=2048, NUM_PIVOTS=16, num_warps=16)
 
 
 @triton.jit
-def _key(s):
-    """Order-preserving int32 key of float32 ``s`` (``-0.0`` counted as ``+0.0``): s < t <=> key(s) < key(t)."""
-    b = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
+def _lse_update(m, z, v):
+    """Per-lane online logsumexp: ``sum exp(seen - m) == z``, updated with ``v`` (one exp)."""
+    e = tl.where(v == float("-inf"), 0.0, tl.exp(-tl.abs(v - m)))  # m == -inf, v finite: exp(-inf) = 0
+    z = tl.where(v > m, z * e + 1.0, z + e)
+    return tl.maximum(m, v), z
 
 
 @triton.jit
-def _value(key):
-    """The float32 whose key is ``key`` (the inverse of ``_key``)."""
-    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+def _lse_reduce(m, z):
+    """(max, sum of exp(. - max)) of the lanes' online logsumexps."""
+    m_all = tl.max(m, axis=0)
+    ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+    return m_all, tl.sum(z * tl.exp(m - ref), axis=0)
 
 
 @triton.jit
-def _scale(x, t, unit_t):
-    """``x / t`` rounded as torch rounds it (IEEE division; none when ``t == 1``)."""
-    if unit_t:
-        s = x
-    else:
-        s = tl.math.div_rn(x, tl.full(x.shape, 0.0, tl.float32) + t)
-    return s
+def _first_argmax(best_v, best_i):
+    """The lowest index among the lanes holding the largest value."""
+    top = tl.max(best_v, axis=0)
+    return tl.min(tl.where(best_v == top, best_i, 2147483647), axis=0)
 
 
 @triton.jit
-def _bracket(
-    x_row, V, t, unit_t, m_s,  # the row, its length, temperature (and t == 1), max of s
-    lo, hi,  # int32 keys: the cut is in [lo, hi); F(lo) >= target
-    target,  # float32: count (exact up to 2**24) or mass
-    BY_MASS: tl.constexpr,  # the target is a mass (top-p), else a count (top-k)
-    TRACK_MASS: tl.constexpr,  # sum the mass even so (ma is needed after a count search when top-p follows)
-    BLOCK_E: tl.constexpr, CAP: tl.constexpr, NUM_PIVOTS: tl.constexpr, STAGES: tl.constexpr,
+def _row_stats(
+    x_row, raw_row, V, t, unit_t,
+    HAS_TOP_K: tl.constexpr, HAS_GREEDY: tl.constexpr, HAS_RAW: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Narrow ``[lo, hi)`` until it holds at most CAP elements or one key.
+    """Step 1, one pass kept per lane and reduced once (the next block loads while this one is used).
 
-    F(key) = count (or mass) of the elements with a key >= ``key``. Returns
-    ``lo, hi, ca, ma, c, passes``: the final bracket, the count and mass of
-    the elements at or above ``hi`` (all kept), the count in the bracket and
-    the number of passes over the row.
+    Returns ``(lse, m_s, z_s, min_s, n_finite, argmax)``: the logsumexp of
+    the raw row (HAS_RAW) or of x; max of s and the sum of ``exp(s - m_s)``;
+    the smallest finite s and the finite count (HAS_TOP_K); the first argmax
+    of x (HAS_GREEDY; else 0).
     """
-    ca = tl.full([], 0, tl.int32)
-    ma = tl.full([], 0.0, tl.float32)
-    c = tl.full([], 0, tl.int32)  # set by the first pass, which always runs
+    lanes = tl.arange(0, BLOCK)
+    m_x = tl.full([BLOCK], float("-inf"), tl.float32)
+    z_x = tl.zeros([BLOCK], tl.float32)
+    m_s = tl.full([BLOCK], float("-inf"), tl.float32)
+    z_s = tl.zeros([BLOCK], tl.float32)
+    m_r = tl.full([BLOCK], float("-inf"), tl.float32)
+    z_r = tl.zeros([BLOCK], tl.float32)
+    min_s = tl.full([BLOCK], float("inf"), tl.float32)
+    n_finite = tl.zeros([BLOCK], tl.int32)
+    best_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.zeros([BLOCK], tl.int32)
+    x_next = tl.load(x_row + lanes, mask=lanes < V, other=float("-inf"))
+    if HAS_RAW:
+        raw_next = tl.load(raw_row + lanes, mask=lanes < V, other=float("-inf"))
+    for start in range(0, V, BLOCK):
+        x = x_next
+        nxt = start + BLOCK + lanes
+        x_next = tl.load(x_row + nxt, mask=nxt < V, other=float("-inf"))
+        m_x, z_x = _lse_update(m_x, z_x, x)
+        if HAS_RAW:
+            raw = raw_next
+            raw_next = tl.load(raw_row + nxt, mask=nxt < V, other=float("-inf"))
+            m_r, z_r = _lse_update(m_r, z_r, raw)
+        if HAS_GREEDY:
+            better = x > best_v  # strict: each lane keeps its first maximum
+            best_i = tl.where(better, start + lanes, best_i)
+            best_v = tl.where(better, x, best_v)
+        s = scaled(x, t, unit_t)
+        if unit_t == 0:
+            m_s, z_s = _lse_update(m_s, z_s, s)
+        if HAS_TOP_K:
+            finite = x > float("-inf")
+            min_s = tl.minimum(min_s, tl.where(finite, s, float("inf")))
+            n_finite += finite.to(tl.int32)
+    mx, zx = _lse_reduce(m_x, z_x)
+    lse = mx + tl.log(zx)
+    if HAS_RAW:
+        mr, zr = _lse_reduce(m_r, z_r)
+        lse = mr + tl.log(zr)
+    ms, zs = _lse_reduce(m_s, z_s)
+    best = tl.full([], 0, tl.int32)
+    if HAS_GREEDY:
+        best = _first_argmax(best_v, best_i)
+    return (lse, tl.where(unit_t, mx, ms), tl.where(unit_t, zx, zs), tl.min(min_s, axis=0),
+            tl.sum(n_finite, axis=0), best)  # fmt: skip
+
+
+@triton.jit
+def _cut(
+    x_row, scratch_row, index_row, V, t, unit_t, m_s, z_s, min_s, n_finite, top_k, top_p,
+    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, CAP: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+):
+    """Steps 2-3: the row's cut. Keep key > key(cut_v), and of the keys == key(cut_v) the first n_keep.
+
+    Returns ``(cut_v, n_keep, n_tied, tie_limit, passes)``: NaN / 0 when
+    nothing is cut; ``tie_limit`` is the last kept token id among the ties
+    (INT32_MAX when the ties must be ranked during the race: a one-value
+    bracket is never copied); ``passes`` counts the bracket passes.
+    """
+    cut_v = tl.full([], float("nan"), tl.float32)
+    n_keep = tl.full([], 0, tl.int32)
+    n_tied = tl.full([], 0, tl.int32)
+    tie_limit = tl.full([], 2147483647, tl.int32)
     passes = tl.full([], 0, tl.int32)
-    j = tl.arange(0, NUM_PIVOTS)
-    frac = (j - 1).to(tl.float32) / (NUM_PIVOTS - 1)  # j >= 2: evenly spaced values in (lo, hi)
-    while (passes == 0) | ((c > CAP) & (hi.to(tl.int64) - lo.to(tl.int64) > 1) & (passes < MAX_PASSES)):
-        lo_v = _value(lo)
-        hi_v = _value(hi)
-        mid = (lo.to(tl.int64) + (hi.to(tl.int64) - lo.to(tl.int64)) // 2).to(tl.int32)
-        pk = tl.where(j == 0, lo, tl.where(j == 1, mid, _key(lo_v + (hi_v - lo_v) * frac)))
-        pk = tl.minimum(tl.maximum(pk, lo), hi - 1)  # NaN/inf pivots of a huge span land on the ends
-        cnt = tl.zeros([NUM_PIVOTS], dtype=tl.int32)
-        mass = tl.zeros([NUM_PIVOTS], dtype=tl.float32)
-        for start in tl.range(0, V, BLOCK_E, num_stages=STAGES):
-            offs = start + tl.arange(0, BLOCK_E)
-            s = _scale(tl.load(x_row + offs, mask=offs < V, other=float("-inf")), t, unit_t)
-            k = _key(s)
-            inside = (offs < V) & (k >= lo) & (k < hi)
-            k = tl.where(inside, k, _INT32_MIN)  # below every pivot (pivots >= lo > key(-inf))
-            ge = k[:, None] >= pk[None, :]
-            cnt += tl.sum(ge.to(tl.int32), axis=0)
-            if TRACK_MASS:
-                e = tl.where(inside, tl.exp(s - m_s), 0.0)
-                mass += tl.sum(tl.where(ge, e[:, None], 0.0), axis=0)
-        if BY_MASS:
-            reached = (ma + mass) >= target
-        else:
-            reached = (ca + cnt).to(tl.float32) >= target
-        reached = reached | (j == 0)  # F(lo) >= target is the invariant
-        new_lo = tl.max(tl.where(reached, pk, lo), axis=0)
-        new_hi = tl.min(tl.where(reached, hi, pk), axis=0)
-        c_lo = tl.max(tl.where(pk == new_lo, cnt, 0), axis=0)
-        c_hi = tl.max(tl.where(pk == new_hi, cnt, 0), axis=0)  # 0 when hi did not move
-        ma += tl.max(tl.where(pk == new_hi, mass, 0.0), axis=0)
-        ca += c_hi
-        c = c_lo - c_hi
-        lo = new_lo
-        hi = new_hi
-        passes += 1
-    return lo, hi, ca, ma, c, passes
+    top_hi = key_of(m_s) + 1
+    offs_c = tl.arange(0, CAP)
+    mass_total = z_s  # mass the top-p target is a share of
+    floor_key = tl.full([], INT32_MIN, tl.int32)  # the top-p cut is at or above this key
+    p_pending = False
+    if HAS_TOP_P:
+        p_pending = top_p < 1.0
+    if HAS_TOP_K:
+        if top_k < n_finite:
+            lo, hi, ca, ma, c, passes = narrow_bracket(
+                x_row, V, t, unit_t, m_s, key_of(min_s), top_hi, top_k.to(tl.float32),
+                False, HAS_TOP_P, BLOCK_E, CAP, NUM_PIVOTS)  # fmt: skip
+            hi, c, ca, ma = take_all_if_small(lo, hi, ca, ma, c, top_hi, CAP)
+            tied = c > CAP  # one value in the bracket
+            r = sorted_bracket(x_row, V, t, unit_t, lo, hi, c, scratch_row, index_row, BLOCK_C, CAP)
+            cum = ma + tl.cumsum(tl.exp(r - m_s), axis=0)
+            j = top_k - 1 - ca
+            e_tie = tl.exp(value_of(lo) - m_s)
+            keep_tied = top_k - ca
+            mass_k = tl.where(tied, ma + keep_tied.to(tl.float32) * e_tie,
+                              tl.max(tl.where(offs_c == j, cum, float("-inf")), axis=0))  # fmt: skip
+            if HAS_TOP_P:  # top-p on the top-k set: in this bracket, or above it (a second search)
+                target = top_p * mass_k
+                in_bracket = p_pending & (target > ma)
+                j_p = tl.minimum(tl.sum((cum < target).to(tl.int32), axis=0), c - 1)
+                j = tl.where(in_bracket, tl.minimum(j, j_p), j)
+                keep_tied = tl.where(
+                    in_bracket, tl.minimum(keep_tied, tied_mass_count(target, ma, e_tie, c)), keep_tied)
+                p_pending = p_pending & (in_bracket == 0)
+                mass_total = mass_k
+                floor_key = hi
+            v, kept, ties = cut_at(r, offs_c, j)
+            cut_v = tl.where(tied, value_of(lo), v)
+            n_keep = tl.where(tied, keep_tied, kept)
+            n_tied = tl.where(tied, c, ties)
+            tie_limit = tl.where(tied, 2147483647, tie_limit_id(scratch_row, index_row, c, v, kept, CAP))
+    if HAS_TOP_P:
+        if p_pending:
+            target = top_p * mass_total
+            bound = m_s + tl.log((1.0 - top_p) * mass_total / (V + 1)) - 0.05
+            lo = tl.maximum(key_of(bound), floor_key)
+            lo, hi, ca, ma, c, more = narrow_bracket(
+                x_row, V, t, unit_t, m_s, lo, top_hi, target, True, True, BLOCK_E, CAP, NUM_PIVOTS)  # fmt: skip
+            passes += more
+            hi, c, ca, ma = take_all_if_small(lo, hi, ca, ma, c, top_hi, CAP)
+            tied = c > CAP
+            r = sorted_bracket(x_row, V, t, unit_t, lo, hi, c, scratch_row, index_row, BLOCK_C, CAP)
+            cum = ma + tl.cumsum(tl.exp(r - m_s), axis=0)
+            j = tl.minimum(tl.sum((cum < target).to(tl.int32), axis=0), c - 1)
+            v, kept, ties = cut_at(r, offs_c, j)
+            e_tie = tl.exp(value_of(lo) - m_s)
+            cut_v = tl.where(tied, value_of(lo), v)
+            n_keep = tl.where(tied, tied_mass_count(target, ma, e_tie, c), kept)
+            n_tied = tl.where(tied, c, ties)
+            tie_limit = tl.where(tied, 2147483647, tie_limit_id(scratch_row, index_row, c, v, kept, CAP))
+    return cut_v, n_keep, n_tied, tie_limit, passes
 
 
 @triton.jit
-def _take_all_if_small(lo, hi, ca, ma, c, top_hi, CAP: tl.constexpr):
-    """When everything at or above ``lo`` fits in CAP, widen the bracket to it (then top-p needs no second search)."""
-    small = ca + c <= CAP
-    return tl.where(small, top_hi, hi), tl.where(small, ca + c, c), tl.where(small, 0, ca), tl.where(small, 0.0, ma)
-
-
-@triton.jit
-def _sorted_bracket(
-    x_row, V, t, unit_t, lo, hi, n, scratch_row, BLOCK: tl.constexpr, CAP: tl.constexpr, STAGES: tl.constexpr
+def _race(
+    x_row, q_row, V, t, unit_t, m_s, cut_key, n_keep, n_tied, tie_limit, min_p,
+    HAS_MIN_P: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """The ``n <= CAP`` values of s with a key in ``[lo, hi)``, sorted descending, padded with -inf.
-
-    ``n > CAP`` (a bracket of one tied value): no copy, all -inf.
-    """
-    tl.debug_barrier()  # the scratch row may still be read by an earlier stage
-    if n <= CAP:
-        written = tl.full([], 0, tl.int32)
-        for start in tl.range(0, V, BLOCK, num_stages=STAGES):
-            offs = start + tl.arange(0, BLOCK)
-            s = _scale(tl.load(x_row + offs, mask=offs < V, other=float("-inf")), t, unit_t)
-            k = _key(s)
-            inside = ((offs < V) & (k >= lo) & (k < hi)).to(tl.int32)
-            pos = written + tl.cumsum(inside, axis=0) - 1
-            tl.store(scratch_row + pos, s, mask=(inside > 0) & (pos < CAP))
-            written += tl.sum(inside, axis=0)
-    tl.debug_barrier()  # the copies are read by other threads
-    offs = tl.arange(0, CAP)
-    r = tl.load(scratch_row + offs, mask=offs < tl.where(n <= CAP, n, 0), other=float("-inf"))
-    return tl.sort(r, descending=True)
-
-
-@triton.jit
-def _cut_at(r, offs, j):
-    """Cut after position ``j`` of the sorted bracket ``r``: (value, kept ties, ties in the bracket)."""
-    v = tl.max(tl.where(offs == j, r, float("-inf")), axis=0)
-    n_greater = tl.sum((r > v).to(tl.int32), axis=0)
-    n_tied = tl.sum((r == v).to(tl.int32), axis=0)
-    return v, j + 1 - n_greater, n_tied
-
-
-@triton.jit
-def _tied_mass_count(target, ma, e_tie, n):
-    """Tokens of one tied value (mass ``e_tie`` each, ``n`` of them) kept by a mass cut: ceil((target - ma) / e_tie)."""
-    need = tl.minimum(tl.ceil((target - ma) / e_tie), n.to(tl.float32))  # e_tie == 0: inf -> n
-    return tl.maximum(need, 1.0).to(tl.int32)
+    """Step 4: ``argmax(e / max(q, tiny))`` over the kept tokens (per-lane best, reduced once)."""
+    lanes = tl.arange(0, BLOCK)
+    rank_ties = (n_keep < n_tied) & (tie_limit == 2147483647)  # a one-value bracket: rank its ties here
+    ties_seen = tl.full([], 0, tl.int32)
+    best_v = tl.full([BLOCK], -1.0, tl.float32)
+    best_i = tl.zeros([BLOCK], tl.int32)
+    x_next = tl.load(x_row + lanes, mask=lanes < V, other=float("-inf"))
+    q_next = tl.load(q_row + lanes, mask=lanes < V, other=1.0)
+    for start in range(0, V, BLOCK):
+        x = x_next
+        q = q_next
+        nxt = start + BLOCK + lanes
+        x_next = tl.load(x_row + nxt, mask=nxt < V, other=float("-inf"))
+        q_next = tl.load(q_row + nxt, mask=nxt < V, other=1.0)
+        s = scaled(x, t, unit_t)
+        key = key_of(s)
+        if rank_ties:  # only the first n_keep tokens equal to the cut value, in vocabulary order
+            tie = (key == cut_key).to(tl.int32)
+            rank = ties_seen + tl.cumsum(tie, axis=0) - 1
+            keep = (key > cut_key) | ((tie > 0) & (rank < n_keep))
+            ties_seen += tl.sum(tie, axis=0)
+        else:
+            keep = (key > cut_key) | ((key == cut_key) & (start + lanes <= tie_limit))
+        e = tl.exp(s - m_s)
+        if HAS_MIN_P:
+            keep = keep & (e >= min_p)
+        val = tl.where(keep, e / tl.maximum(q, 1.1754943508222875e-38), 0.0)
+        better = (val > best_v) & (start + lanes < V)
+        best_i = tl.where(better, start + lanes, best_i)
+        best_v = tl.where(better, val, best_v)
+    return _first_argmax(best_v, best_i).to(tl.int64)
 
 
 @triton.jit
 def _filtered_sample_kernel(
     x_ptr, stride_x,  # [N, V] float32 logits (after the logits processors)
+    raw_ptr, stride_raw,  # [N, V] float32 raw logits (HAS_RAW): the logsumexp is theirs
     q_ptr, stride_q,  # [N, V] float32 Exponential(1) noise
-    scratch_ptr,  # [N, CAP] float32 work space
+    scratch_ptr, index_ptr,  # [N, CAP] float32 and int32 work space
     temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,  # [N] float32, int64 (1..V), float32, float32
     token_ptr,  # [N] int64 out: the sampled (greedy rows: argmax) token
-    lse_ptr,  # [N] float32 out: logsumexp of the row of x (no temperature)
+    lse_ptr,  # [N] float32 out: logsumexp of the row of raw (HAS_RAW) or x
     stats_ptr,  # [N, 4] float32 out: cut value, kept ties, ties, bracket passes (tests, benchmarks)
     V,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
-    BLOCK: tl.constexpr,  # elements per step of the streaming passes (statistics, copy, race)
-    BLOCK_E: tl.constexpr,  # elements per step of a bracket pass (BLOCK_E x NUM_PIVOTS comparisons)
+    HAS_GREEDY: tl.constexpr,  # some row may be greedy (else no argmax is kept)
+    HAS_RAW: tl.constexpr,
+    BLOCK: tl.constexpr,  # elements per step of the streaming passes (statistics, race)
+    BLOCK_E: tl.constexpr,  # elements per step of a bracket pass (NUM_PIVOTS x BLOCK_E comparisons)
+    BLOCK_C: tl.constexpr,  # elements per step of the copy of a bracket (a prefix sum per step)
     CAP: tl.constexpr,  # most bracket elements sorted in registers (power of two)
     NUM_PIVOTS: tl.constexpr,  # pivots per bracket pass (power of two, >= 4)
-    STAGES: tl.constexpr,  # software-pipelining depth of the streaming passes' loads
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
-    scratch_row = scratch_ptr + row * CAP
     t = tl.load(temperature_ptr + row)
     sampled = t >= GREEDY_EPS
     t = tl.where(sampled, t, 1.0)
     unit_t = t == 1.0
-
-    # 1. row statistics: online max / sum of exp for x and s, min finite s, finite count, argmax
-    m_x = tl.full([], float("-inf"), tl.float32)
-    z_x = tl.full([], 0.0, tl.float32)
-    m_s = tl.full([], float("-inf"), tl.float32)
-    z_s = tl.full([], 0.0, tl.float32)
-    min_s = tl.full([], float("inf"), tl.float32)
-    n_finite = tl.full([], 0, tl.int32)
-    best = tl.full([], 0, tl.int32)
-    for start in tl.range(0, V, BLOCK, num_stages=STAGES):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(x_row + offs, mask=offs < V, other=float("-inf"))
-        s = _scale(x, t, unit_t)
-        block_max = tl.max(x, axis=0)
-        best = tl.where(block_max > m_x, start + tl.argmax(x, axis=0), best)  # first index of the max
-        new_m = tl.maximum(m_x, block_max)
-        ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-        z_x = z_x * tl.exp(m_x - ref) + tl.sum(tl.exp(x - ref), axis=0)
-        m_x = new_m
-        new_m = tl.maximum(m_s, tl.max(s, axis=0))
-        ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-        z_s = z_s * tl.exp(m_s - ref) + tl.sum(tl.exp(s - ref), axis=0)
-        m_s = new_m
-        finite = x > float("-inf")
-        min_s = tl.minimum(min_s, tl.min(tl.where(finite, s, float("inf")), axis=0))
-        n_finite += tl.sum(finite.to(tl.int32), axis=0)
-    tl.store(lse_ptr + row, m_x + tl.log(z_x))
-
+    lse, m_s, z_s, min_s, n_finite, best = _row_stats(
+        x_row, raw_ptr + row * stride_raw, V, t, unit_t, HAS_TOP_K, HAS_GREEDY, HAS_RAW, BLOCK)
+    tl.store(lse_ptr + row, lse)
     token = best.to(tl.int64)
     cut_v = tl.full([], float("nan"), tl.float32)
     n_keep = tl.full([], 0, tl.int32)
     n_tied = tl.full([], 0, tl.int32)
     passes = tl.full([], 0, tl.int32)
     if sampled & (m_s > float("-inf")):
-        # 2-3. the cut: keep key > cut_key, and the first n_keep of the n_tied keys == cut_key
-        cut_key = tl.full([], _INT32_MIN, tl.int32)  # keep everything
-        top_hi = _key(m_s) + 1
-        offs_c = tl.arange(0, CAP)
-        mass_total = z_s  # mass the top-p target is a share of
-        floor_key = tl.full([], _INT32_MIN, tl.int32)  # the top-p cut is at or above this key
-        p_pending = False
-        if HAS_TOP_P:
-            top_p = tl.load(top_p_ptr + row)
-            p_pending = top_p < 1.0
+        top_k = tl.full([], 0, tl.int32)
+        top_p = tl.full([], 1.0, tl.float32)
+        min_p = tl.full([], 0.0, tl.float32)
         if HAS_TOP_K:
             top_k = tl.load(top_k_ptr + row).to(tl.int32)
-            if top_k < n_finite:
-                lo, hi, ca, ma, c, passes = _bracket(
-                    x_row, V, t, unit_t, m_s, _key(min_s), top_hi, top_k.to(tl.float32),
-                    False, HAS_TOP_P, BLOCK_E, CAP, NUM_PIVOTS, STAGES)  # fmt: skip
-                hi, c, ca, ma = _take_all_if_small(lo, hi, ca, ma, c, top_hi, CAP)
-                tied = c > CAP  # one value in the bracket
-                r = _sorted_bracket(x_row, V, t, unit_t, lo, hi, c, scratch_row, BLOCK, CAP, STAGES)
-                cum = ma + tl.cumsum(tl.exp(r - m_s), axis=0)
-                j = top_k - 1 - ca
-                e_tie = tl.exp(_value(lo) - m_s)
-                keep_tied = top_k - ca
-                mass_k = tl.where(tied, ma + keep_tied.to(tl.float32) * e_tie,
-                                  tl.max(tl.where(offs_c == j, cum, float("-inf")), axis=0))  # fmt: skip
-                if HAS_TOP_P:
-                    target = top_p * mass_k
-                    in_bracket = p_pending & (target > ma)
-                    j_p = tl.minimum(tl.sum((cum < target).to(tl.int32), axis=0), c - 1)
-                    j = tl.where(in_bracket, tl.minimum(j, j_p), j)
-                    keep_tied = tl.where(
-                        in_bracket, tl.minimum(keep_tied, _tied_mass_count(target, ma, e_tie, c)), keep_tied)
-                    p_pending = p_pending & (in_bracket == 0)
-                    mass_total = mass_k
-                    floor_key = hi
-                v, kept, ties = _cut_at(r, offs_c, j)
-                cut_v = tl.where(tied, _value(lo), v)
-                n_keep = tl.where(tied, keep_tied, kept)
-                n_tied = tl.where(tied, c, ties)
-                cut_key = _key(cut_v)
         if HAS_TOP_P:
-            if p_pending:
-                target = top_p * mass_total
-                bound = m_s + tl.log((1.0 - top_p) * mass_total / (V + 1)) - 0.05
-                lo = tl.maximum(_key(bound), floor_key)
-                lo, hi, ca, ma, c, more = _bracket(
-                    x_row, V, t, unit_t, m_s, lo, top_hi, target, True, True, BLOCK_E, CAP, NUM_PIVOTS, STAGES)  # fmt: skip
-                passes += more
-                hi, c, ca, ma = _take_all_if_small(lo, hi, ca, ma, c, top_hi, CAP)
-                tied = c > CAP
-                r = _sorted_bracket(x_row, V, t, unit_t, lo, hi, c, scratch_row, BLOCK, CAP, STAGES)
-                cum = ma + tl.cumsum(tl.exp(r - m_s), axis=0)
-                j = tl.minimum(tl.sum((cum < target).to(tl.int32), axis=0), c - 1)
-                v, kept, ties = _cut_at(r, offs_c, j)
-                e_tie = tl.exp(_value(lo) - m_s)
-                cut_v = tl.where(tied, _value(lo), v)
-                n_keep = tl.where(tied, _tied_mass_count(target, ma, e_tie, c), kept)
-                n_tied = tl.where(tied, c, ties)
-                cut_key = _key(cut_v)
-
-        # 4. the exponential race over the kept tokens
+            top_p = tl.load(top_p_ptr + row)
         if HAS_MIN_P:
             min_p = tl.load(min_p_ptr + row)
-        q_row = q_ptr + row * stride_q
-        rank_ties = n_keep < n_tied
-        ties_seen = tl.full([], 0, tl.int32)
-        best_val = tl.full([], -1.0, tl.float32)
-        for start in tl.range(0, V, BLOCK, num_stages=STAGES):
-            offs = start + tl.arange(0, BLOCK)
-            s = _scale(tl.load(x_row + offs, mask=offs < V, other=float("-inf")), t, unit_t)
-            key = _key(s)
-            if rank_ties:  # only the first n_keep tokens equal to the cut value, in vocabulary order
-                tie = (key == cut_key).to(tl.int32)
-                rank = ties_seen + tl.cumsum(tie, axis=0) - 1
-                keep = (key > cut_key) | ((tie > 0) & (rank < n_keep))
-                ties_seen += tl.sum(tie, axis=0)
-            else:
-                keep = key >= cut_key
-            e = tl.exp(s - m_s)
-            if HAS_MIN_P:
-                keep = keep & (e >= min_p)
-            q = tl.maximum(tl.load(q_row + offs, mask=offs < V, other=1.0), 1.1754943508222875e-38)
-            val = tl.where(keep & (offs < V), e / q, 0.0)
-            block_max = tl.max(val, axis=0)
-            token = tl.where(block_max > best_val, (start + tl.argmax(val, axis=0)).to(tl.int64), token)
-            best_val = tl.maximum(best_val, block_max)
+        cut_v, n_keep, n_tied, tie_limit, passes = _cut(
+            x_row, scratch_ptr + row * CAP, index_ptr + row * CAP, V, t, unit_t, m_s, z_s, min_s, n_finite,
+            top_k, top_p, HAS_TOP_K, HAS_TOP_P, BLOCK_E, BLOCK_C, CAP, NUM_PIVOTS)  # fmt: skip
+        cut_key = tl.where(cut_v == cut_v, key_of(cut_v), INT32_MIN)  # NaN: no cut
+        token = _race(x_row, q_ptr + row * stride_q, V, t, unit_t, m_s, cut_key, n_keep, n_tied, tie_limit,
+                      min_p, HAS_MIN_P, BLOCK)  # fmt: skip
     tl.store(token_ptr + row, token)
     tl.store(stats_ptr + row * 4 + 0, cut_v)
     tl.store(stats_ptr + row * 4 + 1, n_keep.to(tl.float32))
@@ -345,6 +334,9 @@ def filtered_sample(
     top_k: torch.Tensor | None,
     top_p: torch.Tensor | None,
     min_p: torch.Tensor | None,
+    *,
+    raw: torch.Tensor | None = None,
+    any_greedy: bool = True,
     stats: torch.Tensor | None = None,
     **config,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,11 +349,14 @@ def filtered_sample(
         top_k: ``[N]`` int64 in ``1..V`` (V = off), or None when no row has one.
         top_p: ``[N]`` float32 (1.0 = off), or None.
         min_p: ``[N]`` float32 (0.0 = off), or None.
+        raw: ``[N, V]`` float32 logits whose logsumexp to return instead of x's
+            (the raw logits, when the processors changed them), or None.
+        any_greedy: False when no row is greedy (the argmax is then not kept).
         stats: optional ``[N, 4]`` float32 filled with each row's cut value,
             kept and total ties at it, and bracket passes (NaN/0 for greedy rows).
-        config: overrides of ``DEFAULT_CONFIG`` (benchmarks).
+        config: overrides of ``DEFAULT_CONFIG`` (benchmarks, tests).
     Returns:
-        ``(token_ids [N] int64, logsumexp of each row of x [N] float32)``.
+        ``(token_ids [N] int64, logsumexp of each row of raw, or of x [N] float32)``.
     """
     n, vocab = x.shape
     cfg = {**DEFAULT_CONFIG, **config}
@@ -371,16 +366,21 @@ def filtered_sample(
         stats = torch.empty(n, 4, dtype=torch.float32, device=x.device)
     if n == 0:
         return tokens, lse
-    assert x.stride(1) == 1 and q.stride(1) == 1 and q.shape == x.shape and x.dtype == torch.float32
+    for t in (x, q) if raw is None else (x, q, raw):
+        assert t.shape == x.shape and t.stride(1) == 1 and t.dtype == torch.float32
     scratch = torch.empty(n, cfg["CAP"], dtype=torch.float32, device=x.device)
+    index = torch.empty(n, cfg["CAP"], dtype=torch.int32, device=x.device)
     _filtered_sample_kernel[(n,)](
-        x, x.stride(0), q, q.stride(0), scratch,
+        x, x.stride(0),
+        raw if raw is not None else x, raw.stride(0) if raw is not None else 0,
+        q, q.stride(0), scratch, index,
         temperature,
         top_k if top_k is not None else temperature,  # unread when the flag is off
         top_p if top_p is not None else temperature,
         min_p if min_p is not None else temperature,
         tokens, lse, stats, vocab,
         HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
+        HAS_GREEDY=any_greedy, HAS_RAW=raw is not None,
         **cfg,
     )  # fmt: skip
     return tokens, lse
