@@ -5,9 +5,11 @@ flags]`` with an empty Triton cache (a fresh ``TRITON_CACHE_DIR``, so kernel
 compilation is counted), polls /health every 0.1 s, and reports the time with
 the engine's own start-up log lines (KV-cache size, CUDA-graph capture).
 With ``--bench-prompts N`` it then runs ``framework bench serve`` against the
-server (W1 lengths, all at once) before stopping it.
+server (W1 lengths: prompts U[64, 1024], outputs U[16, 512]) before stopping
+it: all at once, or once per rate of ``--rates`` (Poisson arrivals, requests/s).
 
     python benchmarks/cold_start.py /tmp/llama3-8b --bench-prompts 200 --out /tmp/out
+    python benchmarks/cold_start.py /tmp/llama3-8b --bench-prompts 400 --rates 8 16 32 --out /tmp/out
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--bench-prompts", type=int, default=0)
+    parser.add_argument("--rates", type=float, nargs="*", default=[], help="request rates (default: all at once)")
     parser.add_argument("--vocab-size", type=int, default=128000, help="bench serve: random prompt ids are < this")
     parser.add_argument("--out", type=Path, default=Path("."))
     args, extra = parser.parse_known_args()  # unknown flags go to `framework serve`
@@ -66,10 +69,15 @@ def main() -> int:
         result["log"] = [line for line in log_path.read_text().splitlines() if any(k in line for k in keys)]
         print(json.dumps(result, indent=1), flush=True)
         if ready is not None and args.bench_prompts:
-            bench = [sys.executable, "-m", "framework", "bench", "serve", "--base-url", url, "--num-prompts",
-                     str(args.bench_prompts), "--vocab-size", str(args.vocab_size), "--logprobs", "0",
-                     "--output-json", str(args.out / "bench_serve.json")]  # fmt: skip
-            subprocess.run(bench, timeout=args.timeout, check=False)
+            for rate in args.rates or [None]:
+                name = "bench_serve.json" if rate is None else f"bench_serve_rate{rate:g}.json"
+                bench = [sys.executable, "-m", "framework", "bench", "serve", "--base-url", url, "--num-prompts",
+                         str(args.bench_prompts), "--vocab-size", str(args.vocab_size), "--logprobs", "0",
+                         "--input-len-range", "64", "1024", "--output-len-range", "16", "512",
+                         "--dataset-seed", "0", "--output-json", str(args.out / name)]  # fmt: skip
+                if rate is not None:
+                    bench += ["--request-rate", f"{rate:g}"]
+                subprocess.run(bench, timeout=args.timeout, check=False)
         (args.out / "cold_start.json").write_text(json.dumps(result, indent=1))
         return 0 if ready is not None else 1
     finally:

@@ -28,7 +28,7 @@ from framework.engine.backend_selection import select_attention_backend
 from framework.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from framework.engine.device_inputs import StepInputs
 from framework.engine.input_batch import PreparedBatch, PromptLogprobRows, prepare_batch
-from framework.engine.sampling_inputs import build_sampling_metadata
+from framework.engine.sampling_inputs import TokenCounts, build_sampling_metadata
 from framework.engine.scheduler import ScheduledBatch
 from framework.engine.sequence import Sequence
 from framework.engine.step_results import StepResult, pack_rows, unpack
@@ -73,6 +73,7 @@ class ModelRunner:
         self.registries = registries
         self.samplers: dict[str, Sampler] = {}  # by name, made on first use
         self._last_metadata = None  # (rows key, SamplingMetadata) of the last step, when reusable
+        self.token_counts = TokenCounts(model_config.vocab_size, device)  # penalty counts kept on the device
         self.eos_token_ids = frozenset(model_config.eos_token_ids)
         self.block_dim = _block_dim(self.backend, model_config)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -142,6 +143,8 @@ class ModelRunner:
         hidden states every graph keeps, and ``GRAPH_POOL_SLACK``.
         """
         peak = self._forward_peak(num_tokens, num_seqs)
+        # penalty token counts (int32) and prompt masks (bool) of up to twice max_num_seqs sequences
+        peak += 2 * self.config.max_num_seqs * self.model_config.vocab_size * 5
         if self.use_cuda_graphs:
             sizes = capture_sizes(self.config.max_num_seqs)
             weights = torch.cuda.memory_allocated(self.device)
@@ -249,7 +252,9 @@ class ModelRunner:
         key = (name, num_top, vocab_size, tuple(s.seq_id for s in seqs))
         if self._last_metadata is not None and self._last_metadata[0] == key:
             return self._last_metadata[1]
-        metadata = build_sampling_metadata(seqs, vocab_size, self.device, self.eos_token_ids, num_top)
+        metadata = build_sampling_metadata(
+            seqs, vocab_size, self.device, self.eos_token_ids, num_top, counts=self.token_counts
+        )
         self._last_metadata = (key, metadata) if metadata.no_logits_processing else None
         return metadata
 
