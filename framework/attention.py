@@ -86,7 +86,11 @@ class AttentionBackend:
         kv_cache_dtype: torch.dtype,
         block_size: int,
     ) -> str | None:
-        """Return ``None`` if this backend can run the configuration, else the reason."""
+        """Return ``None`` if this backend can run the configuration, else the reason.
+
+        ``kv_cache_dtype`` may be an fp8 dtype (``kv_cache_dtype="fp8"``...):
+        accept it only if ``forward`` honours ``k_scale`` / ``v_scale``.
+        """
         return None
 
     @classmethod
@@ -112,11 +116,23 @@ class AttentionBackend:
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: torch.Tensor | None,  # kv_cache_shape(...); None while profiling memory
         metadata: Any,
+        k_scale: torch.Tensor | None = None,  # [] float32 on the device; fp8 caches only
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Write the new K/V at ``slot_mapping`` and attend causally over each sequence's cache.
 
         Contract: every new K/V of the step is written before any token
         attends. Prefix caching relies on it: requests admitted in the same
         step may read blocks that another request of the step is filling.
+
+        FP8 KV cache: when ``kv_cache`` is float8_e4m3fn or float8_e5m2 (only
+        if ``supports`` accepted that dtype), ``framework.layers.Attention``
+        passes its per-layer scales as the keywords ``k_scale`` and
+        ``v_scale``; the backend stores ``saturate(k / k_scale)`` (values
+        alike) and reads ``stored * k_scale``, in float32. The scales are
+        device tensors whose values may change between steps (read them in
+        the kernels, never as host floats, so CUDA graphs stay valid). A
+        backend that does not support fp8 is never called with them, so an
+        implementation written before these keywords keeps working.
         """
         raise NotImplementedError

@@ -45,9 +45,26 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(8192, ge=1, description="most tokens in one step (longer prompts are chunked)")
     attention_backend: str | None = Field(None, description="attention backend name (default: chosen per device)")
     quantization: str | None = Field(None, description="quantization method (default: from the checkpoint)")
-    kv_cache_dtype: str = Field("auto", description="KV-cache dtype; auto: the model dtype")
+    kv_cache_dtype: str = Field(
+        "auto",
+        description="KV-cache dtype: auto (the model dtype), fp8 (= fp8_e4m3), fp8_e4m3, fp8_e5m2, float16, bfloat16, "
+        "float32; fp8 halves the cache per token, with per-layer K/V scales from the checkpoint (else 1.0)",
+    )
+    calculate_kv_scales: bool = Field(
+        False,
+        description="fp8 KV cache: set each layer's k/v scales from the first prefill (amax / fp8 max) "
+        "instead of the checkpoint's or 1.0",
+    )
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV blocks of prompt prefixes already computed (automatic prefix caching)"
+    )
+    swap_space: float = Field(
+        4.0, ge=0, description="GiB of CPU memory for the KV blocks of requests preempted by swapping (0: no swapping)"
+    )
+    preemption_mode: Literal["recompute", "swap"] | None = Field(
+        None,
+        description="how a preempted request gives up its KV blocks: swap (to CPU memory, recompute when it is full), "
+        "recompute, or none: swap requests with several live sequences (n, beams), recompute the others",
     )
     seed: int = Field(0, description="seed of the random state for requests without their own seed")
     max_logprobs: int = Field(20, ge=0, description="largest logprobs / prompt_logprobs a request may ask for")
@@ -58,7 +75,30 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(
         False, description="never capture CUDA graphs: run every step eagerly (graphs need a backend that supports them)"
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="tensor-parallel ranks: one process per device (weights and attention heads split)"
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="pipeline stages: the decoder layers split into this many consecutive groups"
+    )
+    distributed_executor_backend: Literal["mp", "torchrun", "ray"] | None = Field(
+        None,
+        description="how ranks start when tensor/pipeline_parallel_size > 1: mp (the engine spawns them; default), "
+        "torchrun (every rank runs the program; rank 0 is the engine), ray (not implemented yet)",
+    )
+    distributed_host: str | None = Field(
+        None, description="address the ranks rendezvous on (mp: the interface to bind; default 127.0.0.1)"
+    )
     plugins: PluginSettings = Field(default_factory=PluginSettings, description="plugin switches")
+
+    @field_validator("kv_cache_dtype")
+    @classmethod
+    def _known_kv_cache_dtype(cls, value: str) -> str:
+        from framework.model_config import KV_CACHE_DTYPE_NAMES
+
+        if value not in KV_CACHE_DTYPE_NAMES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPE_NAMES)}; got {value!r}")
+        return value
 
     @field_validator("block_size")
     @classmethod

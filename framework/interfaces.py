@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Protocol, runtime_checkable
 
 import torch
@@ -185,3 +186,21 @@ class QuantConfig:
     def get_linear_method(self, layer: torch.nn.Module, prefix: str) -> LinearMethod | None:
         """The method for one linear layer, or None to leave it unquantized."""
         return None
+
+    @classmethod
+    def quantize_checkpoint(cls, model_dir: Path, out_dir: Path, **options: Any) -> dict[str, Any]:
+        """Quantize an unquantized checkpoint into this method's format (``framework quantize``).
+
+        Args:
+            model_dir: a Hugging Face model directory (config.json, safetensors, tokenizer).
+            out_dir: where the quantized checkpoint is written.
+            **options: method options given on the command line (``bits``,
+                ``group_size``, ``desc_act``, ``sym``, ``damp_percent``,
+                ``calibration``, ``num_samples``, ``seq_len``, ``device``); a
+                method rejects the ones it does not support with a ValueError.
+
+        Returns:
+            A JSON-serialisable summary (layers quantized, time, per-layer
+            relative output error, perplexity before/after when measured).
+        """
+        raise ValueError(f"quantization method {cls.name or cls.__name__!r} cannot quantize checkpoints")

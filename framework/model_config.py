@@ -19,6 +19,13 @@ _DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+# KV-cache dtypes beyond the model dtypes, named as in vLLM ("fp8" is e4m3).
+FP8_KV_CACHE_DTYPES = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+KV_CACHE_DTYPE_NAMES = ("auto", *FP8_KV_CACHE_DTYPES, *_DTYPES)
 
 
 class HFConfig(dict):
@@ -37,8 +44,19 @@ class HFConfig(dict):
 
     @classmethod
     def from_file(cls, path: str | Path) -> "HFConfig":
+        """Read config.json; a quantization side file beside it fills ``quantization_config``.
+
+        Older GPTQ exports keep their settings in quantize_config.json, AutoAWQ
+        and SqueezeLLM in quant_config.json; a ``quantization_config`` in
+        config.json wins over both.
+        """
         with open(path) as f:
-            return cls(json.load(f))
+            cfg = cls(json.load(f))
+        if not cfg.get("quantization_config"):
+            side = _side_quant_config(Path(path).parent)
+            if side:
+                cfg["quantization_config"] = side
+        return cfg
 
     def rope_settings(self) -> dict[str, Any]:
         """Rotary settings in one shape for old and new checkpoints.
@@ -68,6 +86,22 @@ class HFConfig(dict):
         if self.get("use_sliding_window") is False or (layer_types and "sliding_attention" not in layer_types):
             return None
         return int(window) if window else None
+
+
+def _side_quant_config(model_dir: Path) -> dict[str, Any] | None:
+    """quantize_config.json (GPTQ) or quant_config.json (AWQ: ``w_bit``; SqueezeLLM: ``wbits``), if present."""
+    for name, guess in (("quantize_config.json", "gptq"), ("quant_config.json", None)):
+        file = model_dir / name
+        if not file.is_file():
+            continue
+        with open(file) as f:
+            side = json.load(f)
+        if "quant_method" not in side:
+            guess = guess or ("squeezellm" if "wbits" in side else "awq" if "w_bit" in side else None)
+            if guess:
+                side["quant_method"] = guess
+        return side
+    return None
 
 
 @dataclass
@@ -105,9 +139,16 @@ class ModelConfig:
 
     @property
     def kv_torch_dtype(self) -> torch.dtype:
+        """The cache's element dtype: the model's ("auto"), float8_e4m3fn / float8_e5m2 ("fp8*"), or a float."""
         if self.kv_cache_dtype == "auto":
             return self.dtype
-        return resolve_dtype(self.kv_cache_dtype, self.dtype)
+        if self.kv_cache_dtype in FP8_KV_CACHE_DTYPES:
+            return FP8_KV_CACHE_DTYPES[self.kv_cache_dtype]
+        if self.kv_cache_dtype not in _DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose one of {', '.join(KV_CACHE_DTYPE_NAMES)}"
+            )
+        return _DTYPES[self.kv_cache_dtype]
 
 
 def resolve_dtype(name: str, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:

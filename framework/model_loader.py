@@ -60,18 +60,32 @@ def load_weights(model: nn.Module, path: Path) -> None:
 def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high: float = 1e-3) -> None:
     """Random weights of the model's shape, for benchmarks (``load_format="dummy"``).
 
-    Norm weights are set to 1 so activations keep a realistic scale.
+    Norm weights are set to 1 so activations keep a realistic scale. Integer
+    (packed quantized) parameters get random integers over their dtype's full
+    range. A quantized layer's method may then fix what must be consistent
+    (zero points, positive scales, group indices) through an optional
+    ``linear_method.init_dummy_weights(layer, generator)``.
     """
     generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(device: torch.device) -> torch.Generator:
+        return generators.setdefault(device, torch.Generator(device=device).manual_seed(seed))
+
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not param.is_floating_point():
+                if param.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+                    info = torch.iinfo(param.dtype)
+                    param.random_(info.min, info.max, generator=generator(param.device))
                 continue
             if "norm" in name:
                 param.fill_(1.0)
                 continue
-            gen = generators.setdefault(param.device, torch.Generator(device=param.device).manual_seed(seed))
-            param.uniform_(low, high, generator=gen)
+            param.uniform_(low, high, generator=generator(param.device))
+        for module in model.modules():
+            hook = getattr(getattr(module, "linear_method", None), "init_dummy_weights", None)
+            if hook is not None:
+                hook(module, generator(next(module.parameters()).device))
     finish_loading(model)
 
 

@@ -16,7 +16,7 @@ from framework.engine.backend_selection import select_attention_backend
 from framework.model_config import ModelConfig
 from framework.testing import make_tiny_model
 
-BUILTINS = {"models", "kernels", "samplers"}
+BUILTINS = {"models", "kernels", "samplers", "quant"}
 
 
 @pytest.fixture

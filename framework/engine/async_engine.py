@@ -17,6 +17,10 @@ a slow reader gets the newest one and skips none of the content.
 If a step raises, every in-flight request fails with ``EngineStepError``,
 the engine aborts them (their KV blocks are freed) and keeps serving. If
 even that cleanup fails the engine is ``dead``: new requests are refused.
+It is dead too when the ``LLMEngine`` reports ``dead_error`` (a
+tensor/pipeline-parallel worker died): the requests in flight fail with
+``EngineDeadError`` naming the rank, and ``is_running`` (``/health``) turns
+False at once, even between steps.
 """
 
 from __future__ import annotations
@@ -113,9 +117,15 @@ class AsyncLLMEngine:
         for stream in list(self._streams.values()):
             stream._fail(EngineDeadError("the engine is shut down"))
         self._streams.clear()
+        stop_workers = getattr(self.engine, "shutdown", None)  # the worker processes of a parallel engine
+        if stop_workers is not None and not self._thread.is_alive():
+            await asyncio.to_thread(stop_workers)
 
     @property
     def is_running(self) -> bool:
+        dead_error = getattr(self.engine, "dead_error", None)
+        if self.dead is None and dead_error is not None:
+            self.dead = dead_error
         return self._thread is not None and self._thread.is_alive() and self.dead is None
 
     # -- requests (event loop) ---------------------------------------------------
@@ -321,6 +331,11 @@ class AsyncLLMEngine:
             step_outputs = self.engine.step()
         except Exception as exc:  # fail the requests in flight, keep the server
             self.num_step_errors += 1
+            dead_error = getattr(self.engine, "dead_error", None)
+            if dead_error is not None:  # a worker rank died: _stop fails every request
+                logger.error("the engine is dead: %s", dead_error)
+                self.dead = dead_error
+                return
             failed = list(self._active)
             logger.exception("engine step failed; failing %d in-flight requests", len(failed))
             error = EngineStepError(f"the engine failed while running this request: {exc!r}")

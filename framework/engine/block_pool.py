@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
-from framework.engine.prefix_cache import ROOT, PrefixCache, block_hashes, extra_keys, hash_block
+from framework.engine.prefix_cache import (
+    ROOT,
+    PrefixCache,
+    block_hashes,
+    extra_keys,
+    hash_block,
+)
 from framework.engine.sequence import Sequence
 
 
@@ -31,7 +37,7 @@ class BlockPool:
     (tests use it to show that a shared prompt is allocated once).
     """
 
-    def __init__(self, num_blocks: int, cache: Optional[PrefixCache] = None):
+    def __init__(self, num_blocks: int, cache: PrefixCache | None = None):
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -129,13 +135,33 @@ class KVCacheManager:
     gives an admitted sequence the longest run of cached full blocks that
     starts its tokens, short of its last token (which must be computed to
     sample). Cached blocks are full, so copy on write never touches them.
+
+    Swapping (``num_cpu_blocks`` > 0): a second pool, ``cpu_pool``, numbers
+    the blocks of the runner's CPU copy of the cache. ``swap_out`` moves a
+    preempted request's live sequences there: each distinct GPU block gets
+    one CPU block (a block its sequences share stays shared, with the same
+    reference count), the sequences' ``block_ids`` become CPU ids, and the
+    GPU blocks are freed like any others -- a cached one keeps its name on
+    the pool's LRU list and can still be revived by a hit. ``swap_in`` does
+    the reverse into freshly allocated GPU blocks. Swapped-in blocks start
+    unnamed (``num_cached_blocks`` = 0): the scheduler names them again the
+    next time it plans the sequence, wherever the name is not taken (their
+    K/V are those of the same tokens). The ``(src, dst)`` pairs of both
+    directions are queued for the runner (``take_swaps``).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, num_cpu_blocks: int = 0):
+        if num_cpu_blocks < 0:
+            raise ValueError(f"num_cpu_blocks must be >= 0, got {num_cpu_blocks}")
         self.cache = PrefixCache(num_blocks) if enable_prefix_caching else None
         self.pool = BlockPool(num_blocks, self.cache)
+        self.cpu_pool = BlockPool(num_cpu_blocks) if num_cpu_blocks else None
         self.block_size = block_size
         self._copies: dict[int, int] = {}  # dst -> src, pending block copies of this step
+        self._swap_out: list[tuple[int, int]] = []  # (GPU src, CPU dst), pending this step
+        self._swap_in: list[tuple[int, int]] = []  # (CPU src, GPU dst), pending this step
+        self.num_swapped_out_blocks = 0  # totals since start
+        self.num_swapped_in_blocks = 0
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens
@@ -159,6 +185,27 @@ class KVCacheManager:
             blocks.extend(self.pool.allocate(need))
         return True
 
+    def blocks_for(self, plan: Iterable[tuple[Sequence, int]], ref_counts: list[int] | None = None) -> int:
+        """Free blocks that ``allocate_slots`` takes for every ``(seq, n)`` of ``plan``, in order.
+
+        New blocks plus the copy-on-write ones: a shared write block is
+        copied by each sharer but the last (each copy drops one reference).
+        ``ref_counts``: those of the pool ``seq.block_ids`` index (the GPU
+        pool's by default; the CPU pool's for a swapped request).
+        """
+        counts = self.pool.ref_counts if ref_counts is None else ref_counts
+        bs, total, copied = self.block_size, 0, {}
+        for seq, n in plan:
+            blocks = seq.block_ids
+            total += max(0, -(-(seq.num_computed_tokens + n) // bs) - len(blocks))
+            first = seq.num_computed_tokens // bs
+            if first < len(blocks):
+                b = blocks[first]
+                if counts[b] - copied.get(b, 0) > 1:
+                    total += 1
+                    copied[b] = copied.get(b, 0) + 1
+        return total
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """``child`` shares all of ``parent``'s blocks."""
         child.block_ids = list(parent.block_ids)
@@ -169,16 +216,77 @@ class KVCacheManager:
         self.pool.free(seq.block_ids)
         seq.block_ids = []
         seq.num_cached_blocks = 0
+        self._drop_dead_copies()
+
+    def _drop_dead_copies(self) -> None:
         # A copy into a block that is free again has no reader; drop it, so the
         # block can be reused (even as another copy's destination) this step.
-        for dst in [d for d in self._copies if self.pool.ref_counts[d] == 0]:
-            del self._copies[dst]
+        if self._copies:
+            for dst in [d for d in self._copies if self.pool.ref_counts[d] == 0]:
+                del self._copies[dst]
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The pending ``(src, dst)`` block copies, which the runner performs before the forward."""
         copies = [(src, dst) for dst, src in self._copies.items()]
         self._copies.clear()
         return copies
+
+    # -- swapping ------------------------------------------------------------
+
+    def swap_out(self, seqs: list[Sequence]) -> bool:
+        """Move the blocks of a preempted request's live sequences to the CPU pool; False (no change) if it is short.
+
+        Each distinct block is copied once, so blocks shared between the
+        sequences stay shared. ``seqs`` must hold only blocks with their K/V
+        computed (a request preempted before any allocation of this step).
+        """
+        cpu = self.cpu_pool
+        distinct = list(dict.fromkeys(b for seq in seqs for b in seq.block_ids))
+        if cpu is None or len(distinct) > cpu.num_free:
+            return False
+        pairs = list(zip(distinct, cpu.allocate(len(distinct))))
+        to_cpu = dict(pairs)
+        for seq in seqs:
+            self.pool.free(seq.block_ids)
+            seq.block_ids = [to_cpu[b] for b in seq.block_ids]
+            seq.num_cached_blocks = 0
+            cpu.incref(seq.block_ids)
+        cpu.free([c for _, c in pairs])  # the allocation's own reference: now one per holding sequence
+        self._drop_dead_copies()
+        self._swap_out += pairs
+        self.num_swapped_out_blocks += len(pairs)
+        return True
+
+    def blocks_to_swap_in(self, seqs: list[Sequence], plan: Iterable[tuple[Sequence, int]]) -> int:
+        """GPU blocks a swapped request needs to resume with ``plan``: its CPU blocks, then the plan's."""
+        distinct = len({b for seq in seqs for b in seq.block_ids})
+        return distinct + self.blocks_for(plan, self.cpu_pool.ref_counts)
+
+    def swap_in(self, seqs: list[Sequence]) -> None:
+        """Move a swapped request's blocks back into fresh GPU blocks (the caller checked there are enough)."""
+        cpu = self.cpu_pool
+        distinct = list(dict.fromkeys(b for seq in seqs for b in seq.block_ids))
+        pairs = list(zip(distinct, self.pool.allocate(len(distinct))))
+        to_gpu = dict(pairs)
+        for seq in seqs:
+            cpu.free(seq.block_ids)
+            seq.block_ids = [to_gpu[b] for b in seq.block_ids]
+            self.pool.incref(seq.block_ids)
+        self.pool.free([g for _, g in pairs])
+        self._swap_in += pairs
+        self.num_swapped_in_blocks += len(pairs)
+
+    def free_swapped(self, seq: Sequence) -> None:
+        """Free the CPU blocks of a swapped sequence (an aborted request)."""
+        self.cpu_pool.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_cached_blocks = 0
+
+    def take_swaps(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The pending ``(GPU, CPU)`` swap-outs and ``(CPU, GPU)`` swap-ins, which the runner performs first."""
+        out, self._swap_out = self._swap_out, []
+        into, self._swap_in = self._swap_in, []
+        return out, into
 
     def max_tokens_in_pool(self) -> int:
         return self.pool.num_blocks * self.block_size

@@ -17,7 +17,7 @@ import torch
 
 from framework.config import EngineConfig
 from framework.engine.block_pool import KVCacheManager
-from framework.engine.model_runner import ModelRunner
+from framework.distributed.executor import make_executor
 from framework.engine.output_processor import OutputProcessor
 from framework.engine.request_params import check_params, seed_generators
 from framework.engine.scheduler import Scheduler
@@ -56,11 +56,15 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_config.path)
         torch.manual_seed(config.seed)  # the random state of requests without a seed
         quant = resolve_quant_config(self.registries, config.quantization, self.model_config.hf_config)
-        self.runner = ModelRunner(config, self.model_config, self.registries, self.device, quant)
+        # a ModelRunner, or with tensor/pipeline parallelism the executor that drives every rank's runner
+        self.runner = make_executor(config, self.model_config, self.registries, self.device, quant)
         self.num_blocks = self._num_kv_blocks(free_before)
-        self.runner.init_kv_cache(self.num_blocks)
-        self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.num_cpu_blocks = self._num_cpu_blocks()
+        self.runner.init_kv_cache(self.num_blocks, self.num_cpu_blocks)
+        self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching, self.num_cpu_blocks)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode
+        )
         self.outputs = OutputProcessor(self.tokenizer, self.model_config.eos_token_ids, self.model_config.max_model_len)
         self._groups: dict[str, SequenceGroup] = {}
         self._request_counter = itertools.count()
@@ -125,6 +129,19 @@ class LLMEngine:
         )  # fmt: skip
         return num_blocks
 
+    def _num_cpu_blocks(self) -> int:
+        """Blocks of the CPU swap pool: ``swap_space`` GiB / bytes per block (0: swapping off)."""
+        config = self.config
+        block_bytes = self.runner.kv_block_bytes()
+        num = int(config.swap_space * 2**30) // block_bytes
+        if config.preemption_mode == "swap" and num == 0:
+            logger.warning("preemption_mode='swap' with swap_space=%s GiB: no CPU block fits, every preemption "
+                           "recomputes", config.swap_space)  # fmt: skip
+        elif num:
+            mode = config.preemption_mode or "swap requests of several sequences, recompute the others"
+            logger.info("CPU swap space: %d blocks (%.2f GiB); preemption: %s", num, num * block_bytes / 2**30, mode)
+        return num
+
     # -- requests --------------------------------------------------------------
 
     def add_request(
@@ -188,7 +205,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        return len(self.scheduler.waiting) + len(self.scheduler.running) + len(self.scheduler.swapped)
 
     # -- the step ---------------------------------------------------------------
 
@@ -201,6 +218,8 @@ class LLMEngine:
         """
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            if batch.swap_out:  # a request alone swapped itself out: its blocks still move
+                self.runner.execute(batch)
             return []
         now = time.monotonic()
         for group in batch.groups:
@@ -261,6 +280,13 @@ class LLMEngine:
             prefix_cache_queries=cache.queries if cache is not None else 0,
             prefix_cache_hits=cache.hits if cache is not None else 0,
             num_preemptions=sched.num_preemptions,
+            num_swapped=len(sched.swapped),
+            num_cpu_blocks=kv.cpu_pool.num_blocks if kv.cpu_pool is not None else 0,
+            cpu_kv_cache_usage=kv.cpu_pool.usage() if kv.cpu_pool is not None else 0.0,
+            num_swap_preemptions=sched.num_swap_preemptions,
+            num_recompute_preemptions=sched.num_recompute_preemptions,
+            swapped_out_blocks=kv.num_swapped_out_blocks,
+            swapped_in_blocks=kv.num_swapped_in_blocks,
         )
 
     def reset_prefix_cache(self) -> bool:
@@ -273,6 +299,19 @@ class LLMEngine:
         if self.kv.caching:
             logger.info("prefix cache reset: %d cached blocks forgotten", dropped)
         return True
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def dead_error(self) -> Optional[BaseException]:
+        """Why the engine cannot run steps any more (a worker rank died), or None while it can."""
+        return getattr(self.runner, "dead", None)
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor/pipeline-parallel engine (nothing to do on one process)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
 
 def _by_request(samples: list[SampledToken]) -> list[tuple[SequenceGroup, list[SampledToken]]]:

@@ -53,15 +53,18 @@ class ModelRunner:
         registries: Registries,
         device: torch.device,
         quant_config=None,
+        parallel=None,
     ):
         self.config = config
+        self.parallel = parallel  # framework.distributed.ParallelState of this rank; None: one process
         self.model_config = model_config
         self.device = device
         self.block_size = model_config.block_size
         self.backend = select_attention_backend(registries, device, model_config, config.attention_backend)
         ctx = LayerContext(
-            dtype=model_config.dtype, device=device, attention_backend=self.backend, quant_config=quant_config
-        )
+            dtype=model_config.dtype, device=device, attention_backend=self.backend, quant_config=quant_config,
+            **(parallel.layer_context_fields() if parallel is not None else {}),
+        )  # fmt: skip
         model_cls = registries.models.get(model_config.architecture)
         with torch.device(device):
             self.model = model_cls(model_config.hf_config, ctx)
@@ -77,6 +80,8 @@ class ModelRunner:
         self.eos_token_ids = frozenset(model_config.eos_token_ids)
         self.block_dim = _block_dim(self.backend, model_config)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        # KV heads of this rank's shard (tensor parallelism splits or replicates them)
+        self.num_kv_heads = self.attn_layers[0].num_kv_heads if self.attn_layers else model_config.num_kv_heads
         self.kv_cache: torch.Tensor | None = None
         blocks_per_seq = -(-model_config.max_model_len // self.block_size)
         self.inputs = StepInputs(
@@ -94,6 +99,8 @@ class ModelRunner:
             reason = "enforce_eager is set"
         elif not getattr(self.backend, "supports_cuda_graphs", False):
             reason = f"attention backend {self.backend.name!r} does not support them"
+        elif self.parallel is not None and self.parallel.pp_size > 1:
+            reason = "pipeline parallelism sends activations between stages inside the forward"
         if reason:
             logger.info("CUDA graphs off: %s", reason)
         return reason is None
@@ -102,18 +109,29 @@ class ModelRunner:
 
     def kv_block_bytes(self) -> int:
         mc = self.model_config
-        per_layer = self.backend.kv_cache_shape(1, self.block_size, mc.num_kv_heads, mc.head_dim)
+        per_layer = self.backend.kv_cache_shape(1, self.block_size, self.num_kv_heads, mc.head_dim)
         elem = torch.empty((), dtype=mc.kv_torch_dtype).element_size()
         return len(self.attn_layers) * int(np.prod(per_layer)) * elem
 
-    def init_kv_cache(self, num_blocks: int) -> None:
+    def init_kv_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
+        """Allocate the KV cache, and its CPU swap copy of ``num_cpu_blocks`` blocks (same layout; pinned on CUDA)."""
         mc = self.model_config
-        shape = self.backend.kv_cache_shape(num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        shape = self.backend.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
         self.kv_cache = torch.zeros((len(self.attn_layers), *shape), dtype=mc.kv_torch_dtype, device=self.device)
+        self.cpu_kv_cache = None
+        if num_cpu_blocks:
+            cpu_shape = self.backend.kv_cache_shape(num_cpu_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
+            # empty: a CPU block is always written (swap-out) before it is read (swap-in)
+            self.cpu_kv_cache = torch.empty(
+                (len(self.attn_layers), *cpu_shape), dtype=mc.kv_torch_dtype, device="cpu",
+                pin_memory=self.device.type == "cuda",
+            )  # fmt: skip
         for layer, cache in zip(self.attn_layers, self.kv_cache):
             layer.kv_cache = cache
         if self.use_cuda_graphs:
             self.enable_decode_graphs()
+        for layer in self.attn_layers:  # after capture: scales come from the first real prefill
+            layer.calculate_kv_scales = bool(getattr(self.config, "calculate_kv_scales", False))
 
     def enable_decode_graphs(self) -> None:
         """Capture the decode graphs (on a CPU device: replay runs eagerly on the static buffers)."""
@@ -163,8 +181,9 @@ class ModelRunner:
         with set_forward_context(None):
             hidden = self.model(input_ids, positions)
             rows = torch.linspace(0, num_tokens - 1, num_seqs, device=self.device).long()
-            logits = self.model.compute_logits(hidden[rows])
-            torch.softmax(logits, dim=-1)
+            logits = self._compute_logits(hidden[rows])
+            if logits is not None:  # None: a pipeline stage that neither computes nor receives logits
+                torch.softmax(logits, dim=-1)
         torch.cuda.synchronize(self.device)
         del hidden, logits
         return torch.cuda.max_memory_allocated(self.device)
@@ -181,12 +200,18 @@ class ModelRunner:
             rows = prepared.logits_indices  # the decodes that sample, in order: all of them but for 1-token chunks
             if len(rows) < len(hidden):
                 hidden = hidden[torch.from_numpy(rows).to(self.device, non_blocking=True)]
-            return self.model.compute_logits(hidden)
+            return self._compute_logits(hidden)
         inputs, input_ids, rows = self.inputs.load(prepared)
         metadata = self.backend.build_metadata(inputs)
         with set_forward_context(metadata):
             hidden = self.model(input_ids, inputs.positions)
-        return self.model.compute_logits(hidden[rows]) if wanted else None
+        return self._compute_logits(hidden[rows]) if wanted else None
+
+    def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of ``hidden``'s rows; with several ranks, on the driver (None on ranks that get none)."""
+        if self.parallel is None:
+            return self.model.compute_logits(hidden)
+        return self.parallel.compute_logits(self.model, hidden, self.model_config.vocab_size)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: ``kv_cache[..., dst, ...] = kv_cache[..., src, ...]`` in every layer, all at once."""
@@ -195,7 +220,37 @@ class ModelRunner:
         dim = self.block_dim + 1  # the cache tensor stacks the layers in front
         src = torch.tensor([s for s, _ in copies], dtype=torch.int64).to(self.device, non_blocking=True)
         dst = torch.tensor([d for _, d in copies], dtype=torch.int64).to(self.device, non_blocking=True)
-        self.kv_cache.index_copy_(dim, dst, self.kv_cache.index_select(dim, src))  # reads before writes
+        cache = _raw(self.kv_cache)  # fp8: CPU torch has no fp8 index_copy_
+        cache.index_copy_(dim, dst, cache.index_select(dim, src))  # reads before writes
+
+    def _swap_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Swap-outs (device -> CPU cache), then swap-ins (CPU -> device): one gather and one scatter each way.
+
+        In this order because a swap-in may reuse a device block that a
+        swap-out of the same step freed.
+        """
+        if not (swap_out or swap_in):
+            return
+        dim = self.block_dim + 1  # the cache tensors stack the layers in front
+        device_cache, cpu_cache = _raw(self.kv_cache), _raw(self.cpu_kv_cache)
+        pinned = self.device.type == "cuda"  # staging buffers: pinned, so the copies run at full speed
+
+        def staging(num_blocks: int) -> torch.Tensor:
+            shape = list(cpu_cache.shape)
+            shape[dim] = num_blocks
+            return torch.empty(shape, dtype=cpu_cache.dtype, pin_memory=pinned)
+
+        if swap_out:
+            src = torch.tensor([s for s, _ in swap_out], dtype=torch.int64).to(self.device, non_blocking=True)
+            dst = torch.tensor([d for _, d in swap_out], dtype=torch.int64)
+            host = staging(len(swap_out))
+            host.copy_(device_cache.index_select(dim, src))  # synchronous: the CPU reads it next
+            cpu_cache.index_copy_(dim, dst, host)
+        if swap_in:
+            src = torch.tensor([s for s, _ in swap_in], dtype=torch.int64)
+            dst = torch.tensor([d for _, d in swap_in], dtype=torch.int64).to(self.device, non_blocking=True)
+            host = torch.index_select(cpu_cache, dim, src, out=staging(len(swap_in)))
+            device_cache.index_copy_(dim, dst, host.to(self.device, non_blocking=True))
 
     def sampler(self, name: str) -> Sampler:
         if name not in self.samplers:
@@ -204,8 +259,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
+        prepared = prepare_batch(batch, self.block_size) if batch.seqs else None
+        if self.parallel is not None:  # the driver: the workers run the same step
+            self.parallel.publish_step(prepared, batch)
+        self._swap_blocks(batch.swap_out, batch.swap_in)
         self._copy_blocks(batch.block_copies)
-        prepared = prepare_batch(batch, self.block_size)
+        if prepared is None:
+            return StepResult()
         logits = self._logits(prepared)
         if logits is None:
             return StepResult()
@@ -220,6 +280,15 @@ class ModelRunner:
         if prompt is not None:
             blocks.append(_prompt_logprobs(logits[num_sampled:], prompt, width, self.device))
         return unpack(torch.cat(blocks), width, prepared.sample_seqs, num_top, prompt)
+
+    @torch.inference_mode()
+    def execute_worker_step(self, prepared: PreparedBatch | None, copies, swap_out, swap_in) -> None:
+        """A worker rank's part of a step (see ``framework.distributed.worker``): block moves and the
+        forward with its collectives; sampling is the driver's."""
+        self._swap_blocks(swap_out, swap_in)
+        self._copy_blocks(copies)
+        if prepared is not None:
+            self._logits(prepared)
 
     def _sample(self, logits: torch.Tensor, prepared: PreparedBatch, num_top: int, width: int) -> torch.Tensor:
         """Packed rows of every sampled sequence; rows are split by the sampler their request names."""
@@ -269,6 +338,11 @@ def _prompt_logprobs(logits: torch.Tensor, prompt: PromptLogprobRows, width: int
     if prompt.num_top:
         top_logprobs, top_ids = logprobs.topk(prompt.num_top, dim=-1)
     return pack_rows(targets, chosen.squeeze(1), ranks, top_ids, top_logprobs, width)
+
+
+def _raw(cache: torch.Tensor) -> torch.Tensor:
+    """The cache as plain bytes when its dtype has one byte (fp8: not every copy kernel takes it)."""
+    return cache.view(torch.uint8) if cache.element_size() == 1 else cache
 
 
 def _block_dim(backend: type, mc: ModelConfig) -> int:

@@ -19,15 +19,35 @@ schedules their sequences. Rules:
     from its logits row (``ScheduledBatch.forks``).
 
 Policy (FCFS):
-  1. running requests first, oldest first; when the pool has no block for
-     one, the newest running request is preempted (recompute: the blocks of
-     all its sequences are freed and it goes back to the front of the
-     waiting queue) until it fits or it is itself the one preempted. A
-     preempted request with several sequences recomputes each of them, its
-     own prompt and output, as an independent sequence (blocks are no longer
-     shared); each keeps its generator, so seeded output does not change;
-  2. then waiting requests, oldest first, while budget, sequence cap and
-     blocks allow -- but none in a step that had to preempt.
+  1. running requests first, oldest first; when the pool has no room for
+     one (its new blocks and copy-on-write blocks, counted for all its
+     sequences before any is allocated), the newest running request is
+     preempted until it fits or it is itself the one preempted. A preempted
+     request gives up its GPU blocks in one of two ways:
+       * swap: the blocks of its live sequences are copied to the CPU pool
+         (``swap_space``; each shared block once, so they stay shared) and it
+         goes to the front of the swapped queue, keeping its computed tokens;
+       * recompute: its blocks are freed, it goes to the front of the waiting
+         queue and computes its prompt and output again (through the prefix
+         cache when enabled). A request with several sequences recomputes
+         each of them as an independent sequence (blocks are no longer
+         shared); each keeps its generator, so seeded output does not change.
+     Which one (``preemption_mode``): "swap" swaps every request; "recompute"
+     none; None (vLLM's rule) swaps requests with several live sequences
+     (parallel sampling, beams: recompute would lose their block sharing) and
+     recomputes single-sequence ones. A request to swap whose blocks do not
+     fit in the free CPU blocks is recomputed instead;
+  2. then swapped requests, oldest (front) first, each resumed when its
+     blocks (copied back into fresh GPU blocks) plus this step's new ones
+     fit, and the token budget and sequence cap allow; the first that does
+     not fit stops the queue;
+  3. then waiting requests, oldest first, while budget, sequence cap and
+     blocks allow, but only once no request is swapped (they are older).
+  Steps 2 and 3 are skipped in a step that had to preempt: it has no room.
+  A step's swap-outs (GPU -> CPU) and swap-ins (CPU -> GPU) are
+  ``ScheduledBatch.swap_out`` / ``swap_in``; the runner performs them before
+  the copy-on-write copies and the forward. A step has one kind or the
+  other, never both.
 
 Prefix caching (when the KV manager has a cache): on admission, and on
 re-admission after a preemption, each live sequence of the request first
@@ -44,8 +64,8 @@ all, its cached blocks are given back.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from framework.engine.block_pool import KVCacheManager
 from framework.engine.sequence import Sequence, SequenceStatus
@@ -65,6 +85,8 @@ class ScheduledBatch:
     # (parent, child): child was forked this step and samples from parent's logits row
     forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (GPU src, CPU dst), first
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (CPU src, GPU dst), after swap_out
 
     @property
     def num_tokens(self) -> int:
@@ -92,27 +114,48 @@ def _plan(group: SequenceGroup, budget: int) -> Plan:
     return plan
 
 
+PREEMPTION_MODES = ("recompute", "swap", None)
+
+
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        preemption_mode: str | None = None,
+    ):
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be 'recompute', 'swap' or None, got {preemption_mode!r}")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.preemption_mode = preemption_mode
         self.waiting: deque[SequenceGroup] = deque()
         self.running: list[SequenceGroup] = []
-        self.num_preemptions = 0
+        self.swapped: deque[SequenceGroup] = deque()  # preempted by swap, oldest first
+        self.num_recompute_preemptions = 0
+        self.num_swap_preemptions = 0
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.num_recompute_preemptions + self.num_swap_preemptions
 
     def add(self, group: SequenceGroup) -> None:
         self.waiting.append(group)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if not batch.preempted:
-            self._schedule_waiting(batch, budget)
+            budget = self._schedule_swapped(batch, budget)
+            if not self.swapped:
+                self._schedule_waiting(batch, budget)
         batch.block_copies = self.kv.take_copies()
+        batch.swap_out, batch.swap_in = self.kv.take_swaps()
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
@@ -120,15 +163,67 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             group = self.running[i]
             plan = _plan(group, budget)
-            for seq, n in plan:
-                while not self.kv.allocate_slots(seq, n):
-                    victim = self.running.pop()  # newest; never one already scheduled (index < i)
-                    self._preempt(victim)
-                    batch.preempted.append(victim)
-                    if victim is group:
-                        return budget
+            if not self._allocate_or_preempt(batch, group, plan):
+                return budget
             budget -= self._add(batch, group, plan)
             i += 1
+        return budget
+
+    def _allocate_or_preempt(self, batch: ScheduledBatch, group: SequenceGroup, plan: Plan) -> bool:
+        """Allocate a running request's plan, preempting the newest requests for room; False if it was preempted.
+
+        Nothing is allocated before the whole plan fits, so a preempted
+        request (``group`` itself included) holds only computed blocks: what
+        swapping copies out.
+        """
+        kv = self.kv
+        if len(plan) == 1:  # allocate_slots of one sequence is all or nothing already
+            seq, n = plan[0]
+            while not kv.allocate_slots(seq, n):
+                if self._preempt_newest(batch) is group:
+                    return False
+            return True
+        while kv.blocks_for(plan) > kv.pool.num_free:
+            if self._preempt_newest(batch) is group:
+                return False
+        self._allocate_counted(plan)
+        return True
+
+    def _allocate_counted(self, plan: Plan) -> None:
+        """Allocate a plan whose blocks were counted to fit (``blocks_for``): it cannot fail."""
+        for seq, n in plan:
+            allocated = self.kv.allocate_slots(seq, n)
+            assert allocated, f"blocks_for undercounted for {seq}"
+
+    def _preempt_newest(self, batch: ScheduledBatch) -> SequenceGroup:
+        victim = self.running.pop()  # newest; never one already scheduled this step (they come first)
+        self._preempt(victim)
+        batch.preempted.append(victim)
+        return victim
+
+    def _schedule_swapped(self, batch: ScheduledBatch, budget: int) -> int:
+        """Resume swapped requests, oldest first, while their blocks, the budget and the sequence cap allow."""
+        if not self.swapped:
+            return budget
+        kv = self.kv
+        num_seqs = sum(g.max_num_running_seqs() for g in self.running)
+        while self.swapped and budget > 0:
+            group = self.swapped[0]
+            width = group.max_num_running_seqs()
+            if num_seqs + width > self.max_num_seqs:
+                break
+            seqs = group.live_seqs()
+            plan = _plan(group, budget)
+            if not plan or kv.blocks_to_swap_in(seqs, plan) > kv.pool.num_free:
+                break
+            kv.swap_in(seqs)
+            self._allocate_counted(plan)
+            self.swapped.popleft()
+            for seq in seqs:
+                seq.status = SequenceStatus.RUNNING
+            self.running.append(group)
+            budget -= self._add(batch, group, plan)
+            num_seqs += width
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
@@ -205,12 +300,20 @@ class Scheduler:
             batch.forks.append((parent, child))
 
     def _preempt(self, group: SequenceGroup) -> None:
-        for seq in group.live_seqs():
+        seqs = group.live_seqs()
+        mode = self.preemption_mode
+        if (mode == "swap" or (mode is None and len(seqs) > 1)) and self.kv.swap_out(seqs):
+            for seq in seqs:
+                seq.status = SequenceStatus.SWAPPED
+            self.swapped.appendleft(group)
+            self.num_swap_preemptions += 1
+            return
+        for seq in seqs:  # recompute (also when the CPU pool is full or absent)
             self.kv.free(seq)
             seq.num_computed_tokens = 0
             seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(group)
-        self.num_preemptions += 1
+        self.num_recompute_preemptions += 1
 
     def finish(self, groups: Iterable[SequenceGroup]) -> None:
         """Remove finished requests from the running list and free whatever blocks they still hold."""
@@ -224,12 +327,17 @@ class Scheduler:
         self.running = [g for g in self.running if id(g) not in done]
 
     def abort(self, request_ids: set[str]) -> list[SequenceGroup]:
-        """Drop these requests wherever they are; free their blocks; return them."""
+        """Drop these requests wherever they are; free their blocks (GPU or CPU); return them."""
         aborted = [g for g in self.running if g.request_id in request_ids]
         aborted += [g for g in self.waiting if g.request_id in request_ids]
         for group in aborted:
             for seq in group.seqs:
                 self.kv.free(seq)
+        swapped = [g for g in self.swapped if g.request_id in request_ids]
+        for group in swapped:
+            for seq in group.live_seqs():
+                self.kv.free_swapped(seq)
         self.running = [g for g in self.running if g.request_id not in request_ids]
         self.waiting = deque(g for g in self.waiting if g.request_id not in request_ids)
-        return aborted
+        self.swapped = deque(g for g in self.swapped if g.request_id not in request_ids)
+        return aborted + swapped

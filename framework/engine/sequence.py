@@ -21,6 +21,7 @@ _ids = itertools.count()
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted by swap: block_ids are CPU block ids, num_computed_tokens kept
     FINISHED = "finished"
 
 
@@ -41,6 +42,8 @@ class Sequence:
     Preemption by recompute frees the blocks and sets ``num_computed_tokens``
     to 0: the prompt and the tokens generated so far are prefilled again
     (from the prefix cache, when enabled, as far as it still holds them).
+    Preemption by swap keeps ``num_computed_tokens`` and moves the blocks to
+    the CPU pool (``block_ids`` then name CPU blocks) until it resumes.
 
     Prefix caching: ``block_hashes[j]`` names full block j of ``token_ids``
     (a function of the tokens only, so it survives preemption and is copied

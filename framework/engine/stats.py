@@ -11,7 +11,7 @@ class EngineStats:
 
     Attributes:
         num_running: requests running (holding KV blocks).
-        num_waiting: requests waiting (new or preempted).
+        num_waiting: requests waiting (new, or preempted by recompute).
         kv_cache_usage: fraction of KV blocks in use, 0..1 (free blocks that
             still hold a cached prefix count as free, as in vLLM).
         num_blocks: KV blocks in the pool.
@@ -25,7 +25,16 @@ class EngineStats:
         prefix_cache_queries: prompt tokens looked up in the prefix cache,
             counted at each admission (re-admission after preemption too).
         prefix_cache_hits: tokens of those found cached (not computed again).
-        num_preemptions: requests preempted (recompute).
+        num_preemptions: requests preempted, both modes.
+        num_swapped: requests preempted by swap, their KV blocks in CPU
+            memory, waiting to resume.
+        num_cpu_blocks: blocks of the CPU swap pool (``swap_space``).
+        cpu_kv_cache_usage: fraction of CPU blocks in use, 0..1.
+        num_swap_preemptions: preemptions that swapped the request out.
+        num_recompute_preemptions: preemptions that freed its blocks for
+            recomputation (``num_preemptions`` is the sum of the two).
+        swapped_out_blocks: blocks copied GPU -> CPU.
+        swapped_in_blocks: blocks copied CPU -> GPU.
     """
 
     num_running: int
@@ -39,6 +48,13 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    num_swapped: int = 0
+    num_cpu_blocks: int = 0
+    cpu_kv_cache_usage: float = 0.0
+    num_swap_preemptions: int = 0
+    num_recompute_preemptions: int = 0
+    swapped_out_blocks: int = 0
+    swapped_in_blocks: int = 0
 
     @property
     def total_slots(self) -> int:

@@ -1,4 +1,4 @@
-"""The ``framework`` command: ``serve``, ``generate``, ``bench``, ``plugins``."""
+"""The ``framework`` command: ``serve``, ``generate``, ``bench``, ``quantize``, ``plugins``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,53 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from framework.registry import load_registries
+
+    quantizers = load_registries().quantizers
+    if args.method not in quantizers:
+        known = ", ".join(quantizers.names()) or "none"
+        raise ValueError(f"--method {args.method!r} is not an installed quantization method; installed: {known}")
+    options = {
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "calibration": args.calibration,
+        "num_samples": args.num_samples,
+        "seq_len": args.seq_len,
+        "device": args.device,
+    }
+    # GPTQ-only flags travel only when given, so methods without them keep their defaults.
+    if args.desc_act:
+        options["desc_act"] = True
+    if args.sym is not None:
+        options["sym"] = args.sym
+    if args.damp_percent is not None:
+        options["damp_percent"] = args.damp_percent
+    report = quantizers.get(args.method).quantize_checkpoint(args.model, args.out, **options)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    from pathlib import Path
+
+    q = sub.add_parser("quantize", help="quantize a Hugging Face checkpoint (GPTQ, AWQ) on calibration text")
+    q.add_argument("model", type=Path, help="unquantized model directory")
+    q.add_argument("out", type=Path, help="output directory for the quantized checkpoint")
+    q.add_argument("--method", required=True, help="quantization method, e.g. gptq or awq")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128, help="input features per scale; -1: one group per row")
+    q.add_argument("--desc-act", action="store_true", help="GPTQ act-order: columns by decreasing Hessian diagonal")
+    q.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid (GPTQ default)")
+    q.add_argument("--no-sym", dest="sym", action="store_false", help="asymmetric grid with zero points")
+    q.add_argument("--damp-percent", type=float, default=None, help="GPTQ Hessian dampening (default 0.01)")
+    q.add_argument("--calibration", type=Path, default=None, help="calibration text file (default: built-in text)")
+    q.add_argument("--num-samples", type=int, default=128, help="calibration windows")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    q.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    q.set_defaults(func=_quantize)
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.bench == "throughput":
         from framework.bench.offline import run_throughput
@@ -118,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     _add_bench(sub)
+    _add_quantize(sub)
 
     plugins = sub.add_parser("plugins", help="list installed plugins and what each registers")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")

@@ -5,6 +5,15 @@ engine construction) provides one instance per layer; the model runner binds
 this layer's slice of the paged KV cache to ``kv_cache`` once the pool is
 allocated (it stays None while memory is profiled), and sets the step's
 metadata through ``framework.forward_context.set_forward_context``.
+
+FP8 KV cache: the layer holds ``k_scale`` and ``v_scale``, float32 scalar
+buffers on the model's device (1.0 unless the checkpoint or the first prefill
+sets them; stored = x / scale, read = stored * scale). When the bound cache
+is an fp8 tensor, ``forward`` hands them to the backend as the keyword
+arguments ``k_scale`` / ``v_scale`` (device tensors: a captured CUDA graph
+reads their current values). With ``calculate_kv_scales`` set, the first
+forward with a bound cache that is not a CUDA-graph capture sets them to
+``amax / fp8_max`` of that step's K and V.
 """
 
 from __future__ import annotations
@@ -14,6 +23,13 @@ from torch import nn
 
 from framework.forward_context import get_forward_context
 from framework.layers.context import LayerContext
+
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class Attention(nn.Module):
@@ -47,6 +63,19 @@ class Attention(nn.Module):
         self.layer_name = prefix
         self.impl = ctx.attention_backend(num_heads, head_dim, scale, self.num_kv_heads)
         self.kv_cache: torch.Tensor | None = None  # bound by the model runner
+        # Per-tensor fp8 KV-cache scales (float32 scalars); not parameters, so
+        # a checkpoint without them loads as before.
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32, device=ctx.device))
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32, device=ctx.device))
+        self.calculate_kv_scales = False  # set by the runner from EngineConfig.calculate_kv_scales
+
+    def set_kv_scale(self, kind: str, value: torch.Tensor | float) -> None:
+        """Set ``k_scale`` (``kind="k"``) or ``v_scale`` (``"v"``) in place (keeps the buffer's address)."""
+        if kind not in ("k", "v"):
+            raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
+        buffer = self.k_scale if kind == "k" else self.v_scale
+        with torch.no_grad():
+            buffer.copy_(torch.as_tensor(value, dtype=torch.float32).reshape(()))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q [T, Hq*D]``, ``k, v [T, Hk*D]`` -> ``[T, Hq*D]``."""
@@ -54,11 +83,27 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.impl.forward(q, k, v, self.kv_cache, get_forward_context().attn_metadata)
+        cache = self.kv_cache
+        kwargs = {}
+        if cache is not None and cache.dtype in _FP8_DTYPES:
+            # Only fp8-capable backends see the keywords (supports() accepted the dtype).
+            if self.calculate_kv_scales and not _capturing():
+                self._calculate_scales(k, v, cache.dtype)
+            kwargs = {"k_scale": self.k_scale, "v_scale": self.v_scale}
+        out = self.impl.forward(q, k, v, cache, get_forward_context().attn_metadata, **kwargs)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def _calculate_scales(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> None:
+        """Once: scales that map this step's ``max |k|`` / ``max |v|`` onto the fp8 maximum (no host sync)."""
+        limit = torch.finfo(dtype).max
+        for kind, x in (("k", k), ("v", v)):
+            amax = x.detach().abs().amax().float()
+            self.set_kv_scale(kind, torch.where(amax > 0, amax / limit, torch.ones_like(amax)))
+        self.calculate_kv_scales = False
 
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"backend={type(self.impl).__name__}"
+            + (f", kv_cache_dtype={self.kv_cache.dtype}" if self.kv_cache is not None else "")
         )

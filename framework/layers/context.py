@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -11,6 +11,10 @@ from framework.interfaces import LinearMethod, QuantConfig
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _no_gather(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
@@ -24,9 +28,19 @@ class LayerContext:
         attention_backend: the selected ``AttentionBackend`` class.
         quant_config: the checkpoint's quantization method, or None.
         tp_rank / tp_size: tensor-parallel position; layers create and load
-            only their shard (``tp_size == 1`` until the distributed runner lands).
-        all_reduce: sums a row-parallel partial result across ranks
-            (identity on one rank).
+            only their shard.
+        all_reduce: sums a row-parallel partial result across the
+            tensor-parallel ranks (identity on one rank).
+        all_gather: concatenates each tensor-parallel rank's tensor along the
+            last dim, in rank order (identity on one rank); the LM head
+            gathers its vocabulary shards with it.
+        pipeline: this rank's pipeline stage, or None without pipeline
+            parallelism. A model plugin that supports ``pipeline_parallel_size
+            > 1`` builds only the layers of ``pipeline.layer_range(n)`` (the
+            embedding when ``pipeline.is_first``, the final norm and LM head
+            when ``pipeline.is_last``), takes its input activations from
+            ``pipeline.recv(shape, dtype)`` and hands its output on with
+            ``pipeline.send(tensor)`` (see ``framework.distributed.PipelineStage``).
     """
 
     dtype: torch.dtype = torch.float32
@@ -36,6 +50,8 @@ class LayerContext:
     tp_rank: int = 0
     tp_size: int = 1
     all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
+    all_gather: Callable[[torch.Tensor], torch.Tensor] = _no_gather
+    pipeline: Any = None
 
     def linear_method(self, layer: torch.nn.Module, prefix: str) -> LinearMethod | None:
         """The quant method for one linear layer (None: unquantized)."""

@@ -6,7 +6,10 @@ The vocabulary is padded to a multiple of ``tp_size`` and split along dim 0::
     rank r holds rows [r * per_rank, (r + 1) * per_rank); rows >= vocab are zero padding
 
 The embedding looks up the ids that fall in this rank's rows, writes zeros
-for the others, and sums across ranks with ``ctx.all_reduce``.
+for the others, and sums across ranks with ``ctx.all_reduce``. The LM head
+computes its rows' logits and concatenates the ranks' shards with
+``ctx.all_gather`` (rank order = vocabulary order), so every rank of the
+group holds the full logits.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     ):
         super().__init__(num_embeddings, embedding_dim, ctx, prefix)
         ctx = ctx or LayerContext()
+        self.all_gather = ctx.all_gather
         if bias:
             self.bias = nn.Parameter(
                 torch.empty(self.num_embeddings_per_partition, dtype=ctx.dtype, device=ctx.device), requires_grad=False
@@ -122,6 +126,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         return self._gather(logits)[..., : self.num_embeddings].float()
 
     def _gather(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.tp_size > 1:
-            raise NotImplementedError("gathering LM-head logits across tensor-parallel ranks is not implemented yet")
-        return logits
+        """``[n, padded_vocab / tp]`` on each rank -> ``[n, padded_vocab]`` on every rank."""
+        if self.tp_size == 1:
+            return logits
+        return self.all_gather(logits.contiguous())

@@ -48,6 +48,15 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer, x, bias=None):
+        from framework import ops
+
+        # a few rows (decode) on CUDA: the Triton GEMV streams the weight once (FRAMEWORK_TRITON_GEMV=0: off)
+        if x.shape[:-1].numel() <= 8 and ops.use_triton(x):
+            from framework.ops import triton_gemv
+
+            if triton_gemv.applies(x, layer.weight, bias):
+                out = triton_gemv.gemv(x.reshape(-1, x.shape[-1]), layer.weight, bias)
+                return out.view(*x.shape[:-1], out.shape[-1])
         return F.linear(x, layer.weight, bias)
 
 

@@ -10,7 +10,8 @@ Cache layout (one layer)::
 One step (``forward``):
 
 1. write the new K/V of every token at ``slot_mapping`` (cast to the cache
-   dtype);
+   dtype; for an fp8 cache, ``x / k_scale`` or ``x / v_scale`` saturated and
+   rounded, see ``plugins.quant.fp8_kv``);
 2. decodes (the first ``num_decodes`` sequences, one new token each): one
    batched gather of each sequence's blocks through ``block_tables``, keys at
    index >= seq_len masked, softmax in float32 (GQA by grouping query heads);
@@ -20,6 +21,7 @@ One step (``forward``):
    ``scaled_dot_product_attention`` under a causal mask offset by the cached
    context.
 
+Reads dequantize an fp8 cache in float32 (``stored * scale``) before use.
 It favours clarity over speed: the Triton backend is the fast path on CUDA.
 """
 
@@ -31,8 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from framework.attention import AttentionBackend, BatchInputs
+from plugins.quant import fp8_kv
 
 _FLOAT_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _MAX_HEAD_DIM = 512
 
 
@@ -71,6 +75,16 @@ def _slots_of(block_tables: torch.Tensor, num_blocks: int, block_size: int) -> t
     return (blocks[:, :, None] * block_size + offsets).reshape(blocks.shape[0], -1)
 
 
+class _Dequantized:
+    """An fp8 cache seen through byte views: ``cache[rows]`` gives ``float32(stored) * scale``."""
+
+    def __init__(self, cache_bytes: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor):
+        self.cache_bytes, self.dtype, self.scale = cache_bytes, dtype, scale
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return fp8_kv.dequantize(self.cache_bytes[rows].view(self.dtype), self.scale)
+
+
 class TorchPagedAttention(AttentionBackend):
     """Paged attention written with plain torch ops; the portable fallback."""
 
@@ -90,10 +104,10 @@ class TorchPagedAttention(AttentionBackend):
     ) -> str | None:
         if head_dim > _MAX_HEAD_DIM:
             return f"head_dim {head_dim} > {_MAX_HEAD_DIM} is not supported by the torch backend"
-        if kv_cache_dtype not in _FLOAT_CACHE_DTYPES:
+        if kv_cache_dtype not in _FLOAT_CACHE_DTYPES + _FP8_CACHE_DTYPES:
             return (
                 f"KV-cache dtype {kv_cache_dtype} is not supported by the torch backend "
-                "(float32/float16/bfloat16 only; no fp8 KV cache)"
+                "(float32, float16, bfloat16, float8_e4m3fn, float8_e5m2)"
             )
         return None
 
@@ -146,15 +160,41 @@ class TorchPagedAttention(AttentionBackend):
         v: torch.Tensor,
         kv_cache: torch.Tensor | None,
         metadata: TorchPagedMetadata | None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if kv_cache is None:  # memory-profiling run: no cache, no metadata
             return torch.empty_like(q)
         n = metadata.num_tokens
+        if kv_cache.dtype in _FP8_CACHE_DTYPES:
+            return self._forward_fp8(q, k, v, kv_cache, metadata, k_scale, v_scale)
         # Flat views share storage with kv_cache, so writes land in the cache.
         key_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)
         value_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         key_cache.index_copy_(0, metadata.slot_mapping, k[:n].to(kv_cache.dtype))
         value_cache.index_copy_(0, metadata.slot_mapping, v[:n].to(kv_cache.dtype))
+        return self._attend(q, key_cache, value_cache, metadata)
+
+    def _forward_fp8(self, q, k, v, kv_cache, metadata, k_scale, v_scale) -> torch.Tensor:
+        """fp8 cache: store ``x / scale`` (saturated), attend over ``stored * scale`` in float32.
+
+        CPU torch has no fp8 ``index_copy_``, so writes and gathers go through
+        byte views; attention runs on a float32 view of the dequantized
+        gathered rows (``_Dequantized``), never on a float copy of the pool.
+        """
+        n, dtype = metadata.num_tokens, kv_cache.dtype
+        one = torch.ones((), dtype=torch.float32, device=kv_cache.device)
+        k_scale = one if k_scale is None else k_scale
+        v_scale = one if v_scale is None else v_scale
+        key_bytes = kv_cache[0].view(torch.uint8).view(-1, self.num_kv_heads, self.head_dim)
+        value_bytes = kv_cache[1].view(torch.uint8).view(-1, self.num_kv_heads, self.head_dim)
+        for cache, x, scale in ((key_bytes, k, k_scale), (value_bytes, v, v_scale)):
+            cache.index_copy_(0, metadata.slot_mapping, fp8_kv.quantize(x[:n], scale, dtype).view(torch.uint8))
+        keys, values = _Dequantized(key_bytes, dtype, k_scale), _Dequantized(value_bytes, dtype, v_scale)
+        return self._attend(q, keys, values, metadata)
+
+    def _attend(self, q: torch.Tensor, key_cache, value_cache, metadata: TorchPagedMetadata) -> torch.Tensor:
+        n = metadata.num_tokens
 
         out = torch.empty_like(q)
         if q.shape[0] > n:  # padded rows (e.g. a CUDA-graph bucket): defined, unused

@@ -20,6 +20,12 @@ correct for any length; it only changes how the work is spread).
 * ``_decode_reduce_kernel``, grid ``(num_seqs, Hq)``: combines the splits,
   weighting each by ``2 ** (lse_s - max lse)``.
 
+FP8 cache (``KV_FP8``): keys and values load as fp8 and convert exactly to
+the query dtype for ``tl.dot``; the scales are applied in float32 where they
+factor out: ``k_scale`` multiplies the scores (folded into the softmax scale)
+and ``v_scale`` the normalised output, so ``q . (k * k_scale)`` and
+``sum p * (v * v_scale)`` cost nothing per key.
+
 A row with ``seq_len == 0`` (a CUDA-graph bucket's padding) gets zeros.
 Shapes depend only on ``(num_seqs, num_splits)``, never on the lengths, so a
 decode step of a given batch size can be captured in a CUDA graph once
@@ -50,6 +56,8 @@ def _decode_split_kernel(
     out_ptr,  # [B, Hq, D] final output (NUM_SPLITS_IS_ONE)
     part_out_ptr,  # [B, Hq, S, D] float32 normalised partial outputs (else)
     part_lse_ptr,  # [B, Hq, S] float32 partial log2-sum-exp (else)
+    k_scale_ptr,  # [] float32 fp8 key scale (read only when KV_FP8)
+    v_scale_ptr,  # [] float32 fp8 value scale (read only when KV_FP8)
     scale_log2,  # softmax scale * log2(e)
     num_splits,
     stride_qb, stride_qh,
@@ -64,11 +72,14 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     NUM_SPLITS_IS_ONE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else "tf32" (unused by 16-bit dots)
+    KV_FP8: tl.constexpr,  # the cache holds fp8 values x / scale
 ):
 # fmt: on
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if KV_FP8:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     seq_len = tl.load(seq_lens_ptr + seq)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
@@ -116,6 +127,8 @@ def _decode_split_kernel(
 
     nonempty = l_i > 0.0
     out = tl.where(nonempty[:, None], acc / tl.where(nonempty, l_i, 1.0)[:, None], 0.0)
+    if KV_FP8:
+        out = out * tl.load(v_scale_ptr)
     mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS_IS_ONE:
         dst = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
@@ -189,8 +202,13 @@ def decode_attention(
     page_size: int,
     num_splits: int,
     block_n: int | None = None,
+    k_scale: torch.Tensor | None = None,  # [] float32, fp8 caches only (None: 1.0)
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Attention of one query token per sequence over its paged keys; writes ``out``."""
+    """Attention of one query token per sequence over its paged keys; writes ``out``.
+
+    An fp8 cache is read as ``stored * k_scale`` / ``stored * v_scale``.
+    """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[1]
     if num_seqs == 0:
@@ -203,8 +221,13 @@ def decode_attention(
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
+    kv_fp8 = key_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    if kv_fp8 and (k_scale is None or v_scale is None):
+        one = torch.ones((), dtype=torch.float32, device=q.device)
+        k_scale, v_scale = (one if k_scale is None else k_scale), (one if v_scale is None else v_scale)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_lse,
+        k_scale if kv_fp8 else seq_lens, v_scale if kv_fp8 else seq_lens,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1),
@@ -218,6 +241,7 @@ def decode_attention(
         BLOCK_N=block_n or decode_block_n(head_dim),
         NUM_SPLITS_IS_ONE=num_splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        KV_FP8=kv_fp8,
         num_warps=4,
         num_stages=2,
     )  # fmt: skip

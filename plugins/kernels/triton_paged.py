@@ -20,6 +20,12 @@ kernel derives each split's range from the sequence's own length, so a fixed
 ``num_splits`` is right for every length: a CUDA graph captured for a batch
 size keeps the ``num_splits`` of its bucket (only speed depends on it).
 
+FP8 KV cache: ``forward`` takes the layer's ``k_scale`` / ``v_scale`` (float32
+device scalars); the write kernel stores ``saturate(x / scale)`` and the
+attention kernels multiply by the scales in float32 (see ``triton_decode``).
+float8_e5m2 runs from sm80; float8_e4m3fn needs sm89 (Ada, Hopper), where
+Triton has the e4m3 conversions.
+
 This module imports without Triton (``supports`` says why it cannot run);
 the kernel modules are imported on first use.
 """
@@ -35,7 +41,9 @@ import torch
 from framework.attention import AttentionBackend, BatchInputs
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _MIN_CAPABILITY = (8, 0)
+_E4M3_CAPABILITY = (8, 9)  # Triton's float8e4nv conversions need Ada or newer
 _MAX_HEAD_DIM = 256
 
 
@@ -102,8 +110,16 @@ class TritonPagedAttention(AttentionBackend):
             return f"needs compute capability >= 8.0 (sm80); the device is sm{capability[0]}{capability[1]}"
         if dtype not in _DTYPES:
             return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
-        if kv_cache_dtype not in _DTYPES:
-            return f"KV-cache dtype {kv_cache_dtype} is not supported (float16, bfloat16, float32; no fp8 KV cache)"
+        if kv_cache_dtype not in _DTYPES + _FP8_DTYPES:
+            return (
+                f"KV-cache dtype {kv_cache_dtype} is not supported "
+                "(float16, bfloat16, float32, float8_e4m3fn, float8_e5m2)"
+            )
+        if kv_cache_dtype == torch.float8_e4m3fn and capability < _E4M3_CAPABILITY:
+            return (
+                f"an fp8 e4m3 KV cache needs compute capability >= 8.9 (sm89) for Triton's e4m3 conversions; "
+                f"the device is sm{capability[0]}{capability[1]} (use kv_cache_dtype='fp8_e5m2')"
+            )
         if head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
             return f"head_dim {head_dim} is not supported (a multiple of 16 up to {_MAX_HEAD_DIM})"
         if block_size < 1 or block_size & (block_size - 1):
@@ -140,6 +156,8 @@ class TritonPagedAttention(AttentionBackend):
         v: torch.Tensor,
         kv_cache: torch.Tensor | None,
         metadata: TritonPagedMetadata | None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if kv_cache is None:  # memory-profiling run: no cache, no metadata
             return torch.empty_like(q)
@@ -150,7 +168,7 @@ class TritonPagedAttention(AttentionBackend):
         # Flat [slots, Hk, D] views share storage with kv_cache.
         key_cache = kv_cache[0].flatten(0, 1)
         value_cache = kv_cache[1].flatten(0, 1)
-        triton_cache_write.write_kv_cache(k[:n], v[:n], key_cache, value_cache, md.slot_mapping)
+        triton_cache_write.write_kv_cache(k[:n], v[:n], key_cache, value_cache, md.slot_mapping, k_scale, v_scale)
 
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if q.shape[0] > n:  # padded rows (e.g. a CUDA-graph bucket): defined, unused
@@ -162,12 +180,12 @@ class TritonPagedAttention(AttentionBackend):
             )
             triton_decode.decode_attention(
                 q[:nd], key_cache, value_cache, md.block_tables[:nd], md.seq_lens[:nd], out[:nd],
-                scale, page, num_splits,
+                scale, page, num_splits, k_scale=k_scale, v_scale=v_scale,
             )  # fmt: skip
         if md.num_prefills > 0:
             triton_prefill.prefill_attention(
                 q, key_cache, value_cache, md.block_tables, md.seq_lens, md.query_start_loc, out,
                 scale, page, first_seq=nd, num_prefills=md.num_prefills,
-                num_prefill_tokens=md.num_prefill_tokens,
+                num_prefill_tokens=md.num_prefill_tokens, k_scale=k_scale, v_scale=v_scale,
             )  # fmt: skip
         return out

@@ -19,6 +19,10 @@ by binary search over ``query_start_loc`` and exits if its tile lies past the
 sequence's end. It then walks keys ``0 .. min(seq_len, context + tile end)``
 in tiles of ``BLOCK_N`` (each key's page looked up in the block table), with
 an online softmax in base 2.
+
+FP8 cache (``KV_FP8``): keys and values load as fp8 and convert exactly to
+the query dtype; ``k_scale`` is folded into the softmax scale and
+``v_scale`` multiplies the normalised output, both in float32.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def _prefill_kernel(
     seq_lens_ptr,  # [B] int32
     query_start_loc_ptr,  # [B + 1] int32
     out_ptr,  # [T, Hq, D]
+    k_scale_ptr,  # [] float32 fp8 key scale (read only when KV_FP8)
+    v_scale_ptr,  # [] float32 fp8 value scale (read only when KV_FP8)
     scale_log2,  # softmax scale * log2(e)
     first_seq,  # batch index of the first prefill sequence
     num_prefills,
@@ -54,6 +60,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,  # the cache holds fp8 values x / scale
 ):
 # fmt: on
     tile = tl.program_id(0)
@@ -78,6 +85,8 @@ def _prefill_kernel(
     seq = first_seq + lo
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
+    if KV_FP8:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -125,6 +134,8 @@ def _prefill_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
+    if KV_FP8:
+        out = out * tl.load(v_scale_ptr)
     dst = out_ptr + rows_q[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -154,8 +165,13 @@ def prefill_attention(
     num_prefills: int,
     num_prefill_tokens: int,
     config: dict | None = None,
+    k_scale: torch.Tensor | None = None,  # [] float32, fp8 caches only (None: 1.0)
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Causal attention of sequences ``first_seq ..`` over their paged keys (host ints give the grid)."""
+    """Causal attention of sequences ``first_seq ..`` over their paged keys (host ints give the grid).
+
+    An fp8 cache is read as ``stored * k_scale`` / ``stored * v_scale``.
+    """
     if num_prefills == 0:
         return
     _, num_heads, head_dim = q.shape
@@ -163,8 +179,13 @@ def prefill_attention(
     assert q.stride(2) == 1 and out.stride(2) == 1 and key_cache.stride(2) == 1
     config = dict(config or prefill_config(head_dim, q.dtype))
     num_tiles = num_prefill_tokens // config["BLOCK_M"] + num_prefills
+    kv_fp8 = key_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    if kv_fp8 and (k_scale is None or v_scale is None):
+        one = torch.ones((), dtype=torch.float32, device=q.device)
+        k_scale, v_scale = (one if k_scale is None else k_scale), (one if v_scale is None else v_scale)
     _prefill_kernel[(num_tiles, num_heads)](
         q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
+        k_scale if kv_fp8 else seq_lens, v_scale if kv_fp8 else seq_lens,
         scale * LOG2E, first_seq, num_prefills,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1),
@@ -175,5 +196,6 @@ def prefill_attention(
         PAGE_SIZE=page_size,
         BLOCK_D=triton.next_power_of_2(head_dim),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        KV_FP8=kv_fp8,
         **config,
     )  # fmt: skip

@@ -39,6 +39,7 @@ from framework.layers import (
     get_rope,
 )
 from framework.model_config import HFConfig
+from plugins.quant.fp8_kv import load_kv_scale
 
 # checkpoint name fragment -> (fused parameter fragment, shard id)
 _STACKED = {
@@ -128,7 +129,7 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.act_fn.then_linear(self.gate_up_proj(x), self.down_proj)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -169,19 +170,45 @@ class LlamaModel(nn.Module):
             device=ctx.device,
             max_model_len=_max_model_len(hf_config),
         )
-        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hidden, ctx, prefix=f"{prefix}.embed_tokens")
+        # Pipeline parallelism: this stage builds layers [start, end) (the others are empty
+        # placeholders, so names keep their indices), the embedding on the first stage and the
+        # final norm on the last.
+        num_layers, pp = hf_config.num_hidden_layers, ctx.pipeline
+        self.pipeline, self.hidden_size, self.dtype = pp, hidden, ctx.dtype
+        self.start, self.end = pp.layer_range(num_layers) if pp is not None else (0, num_layers)
+        self.embed_tokens = None
+        if pp is None or pp.is_first:
+            vocab = hf_config.vocab_size
+            self.embed_tokens = VocabParallelEmbedding(vocab, hidden, ctx, prefix=f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, ctx, rotary_emb, f"{prefix}.layers.{i}")
-            for i in range(hf_config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(hidden, hf_config.get("rms_norm_eps", 1e-6), ctx)
+            LlamaDecoderLayer(hf_config, ctx, rotary_emb, f"{prefix}.layers.{i}") if self.start <= i < self.end
+            else nn.Identity()  # on another pipeline stage
+            for i in range(num_layers)
+        )  # fmt: skip
+        self.norm = RMSNorm(hidden, hf_config.get("rms_norm_eps", 1e-6), ctx) if pp is None or pp.is_last else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        if self.embed_tokens is not None:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:  # a later pipeline stage: the previous stage's hidden states and residual stream
+            hidden, residual = self.pipeline.recv((2, input_ids.shape[0], self.hidden_size), self.dtype).unbind(0)
+        for layer in self.layers[self.start : self.end]:
             hidden, residual = layer(positions, hidden, residual)
+        if self.norm is None:  # an earlier pipeline stage: hand both on
+            self.pipeline.send(torch.stack([hidden, residual]))
+            return hidden
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def on_this_stage(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` (``model.`` prefix) belongs to a module this stage builds."""
+        if name.startswith("model.embed_tokens."):
+            return self.embed_tokens is not None
+        if name.startswith("model.norm."):
+            return self.norm is not None
+        if name.startswith("model.layers."):
+            return self.start <= int(name.split(".")[2]) < self.end
+        return True
 
 
 class LlamaForCausalLM(nn.Module):
@@ -190,7 +217,9 @@ class LlamaForCausalLM(nn.Module):
     Args:
         hf_config: config.json; the engine adds the resolved ``max_model_len``
             (the rotary table's length; default ``max_position_embeddings``).
-        ctx: dtype, device, attention backend, quantization and TP rank.
+        ctx: dtype, device, attention backend, quantization, TP rank and
+            pipeline stage (``ctx.pipeline``: only this stage's layers are built
+            and loaded; the embedding on the first stage, norm and head on the last).
     Raises:
         ValueError: for a sliding window shorter than ``max_model_len`` or an
             activation other than SiLU.
@@ -205,13 +234,25 @@ class LlamaForCausalLM(nn.Module):
         self.quantized = ctx.quant_config is not None
         self.model = LlamaModel(hf_config, ctx)
         self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, ctx, prefix="lm_head")
-        if self.tie_word_embeddings:
+        self.lm_head = None  # not on the stages before the last
+        if ctx.pipeline is None or ctx.pipeline.is_last:
+            self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, ctx, prefix="lm_head")
+        # tied on one stage: the head is the embedding; on a last stage without the embedding,
+        # the head loads the embedding's checkpoint tensor
+        has_both = self.lm_head is not None and self.model.embed_tokens is not None
+        self.head_is_embedding = self.tie_word_embeddings and has_both
+        self._head_loads_embedding = self.tie_word_embeddings and self.lm_head is not None and not has_both
+        if self.head_is_embedding:
             self.lm_head.tie_weights(self.model.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``[T]`` ids and positions -> ``[T, hidden_size]`` final hidden states."""
         return self.model(input_ids, positions)
+
+    def _on_this_stage(self, ckpt_name: str) -> bool:
+        if ckpt_name.startswith("lm_head."):
+            return self.lm_head is not None
+        return self.model.on_this_stage(ckpt_name)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[n, hidden_size]`` -> ``[n, vocab_size]`` float32 logits."""
@@ -231,6 +272,12 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.tie_word_embeddings and ckpt_name.startswith("lm_head."):
                 continue  # the head is the embedding
+            if self._head_loads_embedding and ckpt_name.startswith("model.embed_tokens."):
+                ckpt_name = "lm_head." + ckpt_name[len("model.embed_tokens.") :]  # tied, on the last of several stages
+            if not self._on_this_stage(ckpt_name):
+                continue  # pipeline parallelism: another stage loads it
+            if load_kv_scale(self, ckpt_name, tensor):
+                continue  # fp8 KV-cache scale (k_scale / v_scale / kv_scale / k_proj.output_scale)
             name, shard_id = ckpt_name, None
             for part, (fused, sid) in _STACKED.items():
                 if part in ckpt_name:

@@ -138,8 +138,13 @@ def test_supports_reasons(gpu):
     assert supports(**ok) is None
     assert supports(**{**ok, "head_dim": 64}) is None and supports(**{**ok, "head_dim": 256}) is None
     assert supports(**{**ok, "block_size": 32}) is None
-    assert "fp8" in supports(**{**ok, "kv_cache_dtype": torch.float8_e4m3fn})
+    assert supports(**{**ok, "kv_cache_dtype": torch.float8_e4m3fn}) is None
+    assert supports(**{**ok, "kv_cache_dtype": torch.float8_e5m2}) is None
+    assert "float8_e4m3fn" in supports(**{**ok, "kv_cache_dtype": torch.int8})
     assert "dtype torch.float64" in supports(**{**ok, "dtype": torch.float64})
+    gpu((8, 0))  # e4m3 conversions need sm89; e5m2 runs on sm80
+    assert "sm89" in supports(**{**ok, "kv_cache_dtype": torch.float8_e4m3fn})
+    assert supports(**{**ok, "kv_cache_dtype": torch.float8_e5m2}) is None
     gpu(None)  # a CUDA device name on a machine without one
     assert supports(**ok) == "no CUDA device is available"
 

@@ -206,14 +206,14 @@ def test_profiling_run_without_cache():
 
 def test_capabilities():
     cpu = torch.device("cpu")
-    for cache_dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for cache_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
         assert TorchPagedAttention.supports(
             device=cpu, dtype=torch.bfloat16, head_dim=128, kv_cache_dtype=cache_dtype, block_size=16
         ) is None
     reason = TorchPagedAttention.supports(
-        device=cpu, dtype=torch.bfloat16, head_dim=128, kv_cache_dtype=torch.float8_e4m3fn, block_size=16
+        device=cpu, dtype=torch.bfloat16, head_dim=128, kv_cache_dtype=torch.int8, block_size=16
     )
-    assert reason and "fp8" in reason
+    assert reason and "torch.int8" in reason and "float8_e4m3fn" in reason
     reason = TorchPagedAttention.supports(
         device=cpu, dtype=torch.float16, head_dim=1024, kv_cache_dtype=torch.float16, block_size=16
     )

@@ -260,3 +260,95 @@ def test_metadata_is_slices_of_the_batch():
     assert md.num_tokens == 5 + 37 + 25 + 70 + 1 + 130 and md.num_prefill_tokens == md.num_tokens - 5
     assert md.decode_seq_len_bucket == 512  # longest decode 291
     assert md.block_tables is inputs.block_tables and md.seq_lens is inputs.seq_lens
+
+
+# fp8 KV cache: dtype, cache dtype, Hq, Hk, head_dim, block_size, decode splits, (k_scale, v_scale).
+# Under TRITON_INTERPRET=1 (triton 3.9) fp8 loads convert exactly, but the float32 -> fp8 store rounds
+# wrongly whenever rounding carries into the exponent (1.9868 -> 1.0 instead of 2.0, both e4m3 and
+# e5m2). So on the CPU the K/V are snapped to the fp8 grid and the scales are powers of two: the write
+# kernel's division, saturation and cast are then exact and still checked byte for byte; rounding is
+# checked on the GPU (FP8_GPU_CASES, benchmarks/check_fp8_kv.py), with arbitrary values and scales.
+e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+FP8_CPU_CASES = [
+    (fp32, e4m3, 4, 2, 64, 16, 3, (2**-6, 2**-4)),
+    (fp16, e5m2, 8, 2, 64, 32, 1, (1.0, 1.0)),
+    (fp16, e4m3, 4, 1, 128, 16, None, (0.5, 2**-7)),
+]
+FP8_GPU_CASES = [(d, c, hq, hk, hd, bs, sp, (0.02, 0.05)) for d, c, hq, hk, hd, bs, sp, _ in FP8_CPU_CASES] + [
+    (bf16, cache, 32, 8, 128, bs, splits, scales)
+    for cache in (e4m3, e5m2)
+    for bs in (16, 32)
+    for splits, scales in ((None, (0.01, 0.02)), (3, (1.0, 1.0)), (8, (0.1, 0.005)))
+]
+
+
+def fp8_case_id(case):
+    name = {fp32: "fp32", fp16: "fp16", bf16: "bf16", e4m3: "e4m3", e5m2: "e5m2"}
+    dtype, cache_dtype, hq, hk, d, bs, splits, scales = case
+    return f"{name[dtype]}-cache{name[cache_dtype]}-h{hq}k{hk}-d{d}-bs{bs}-splits{splits or 'auto'}-s{scales}"
+
+
+@pytest.mark.parametrize("case", FP8_GPU_CASES if ON_GPU else FP8_CPU_CASES, ids=fp8_case_id)
+def test_fp8_cache_matches_reference(case, monkeypatch):
+    """An fp8 cache: the stored bytes are quantize(x, scale) exactly, and attention over them matches
+    the torch reference on the dequantized values (float64) within the activation dtype's bound."""
+    num_splits = case[6]
+    if num_splits is not None:
+        monkeypatch.setattr(triton_decode, "choose_num_splits", lambda *args: num_splits)
+    scenarios = [SHORT] + ([LONG] if ON_GPU and num_splits in (None, 3) else [])
+    for seed, scenario in enumerate(scenarios):
+        assert_within(fp8_errors(case, scenario, seed), case[0])
+
+
+def fp8_errors(case, scenario, seed=0):
+    """Two steps (mixed, then decode-only) through the Triton backend on an fp8 cache: asserts the
+    stored bytes, returns [(step, seq, relative error vs the float64 torch reference)]."""
+    from plugins.quant.fp8_kv import dequantize, quantize
+
+    dtype, cache_dtype, num_heads, num_kv_heads, head_dim, block_size, _, scales = case
+    k_scale, v_scale = (torch.tensor(s, dtype=torch.float32, device=DEVICE) for s in scales)
+    first = scenario["decodes"] + scenario["prefills"]
+    batch = PagedBatch(
+        [first, next_step(first)], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, cache_dtype=torch.float32, device=DEVICE, seed=seed,
+    )  # fmt: skip
+    limit = torch.finfo(cache_dtype).max
+    for tensors, s in ((batch.k, k_scale), (batch.v, v_scale)):  # stored values ~ N(0, 3^2)
+        for t in tensors:
+            t.mul_(3.0 * s)
+            if not ON_GPU:  # see FP8_CPU_CASES
+                t.copy_(dequantize(quantize(t, s, cache_dtype), s, dtype))
+            if limit * 1.5 * s.item() < torch.finfo(dtype).max:
+                t[0, 0, :2] = torch.tensor([1.5, -1.5], device=DEVICE) * limit * s  # saturated on store
+    ref_cache = torch.full_like(batch.cache, float("nan"), dtype=torch.float64)
+    # fp8 tensors are filled, indexed and scattered through byte views (not every torch build has fp8 kernels)
+    cache = torch.full(batch.cache.shape, float("nan"), device=DEVICE).to(cache_dtype)
+    flat = cache.view(torch.uint8).view(2, -1, num_kv_heads, head_dim)
+    for i, context in enumerate(batch.first_query):  # the first step's cached contexts
+        slots = batch.slots(i, range(context))
+        for j, (x, s) in enumerate(((batch.k[i][:context], k_scale), (batch.v[i][:context], v_scale))):
+            stored = quantize(x, s, cache_dtype)
+            flat[j, slots] = stored.view(torch.uint8)
+            ref_cache[j].flatten(0, 1)[slots] = dequantize(stored, s, torch.float64)
+
+    scale = head_dim**-0.5
+    triton_backend = TritonPagedAttention(num_heads, head_dim, scale, num_kv_heads)
+    torch_backend = TorchPagedAttention(num_heads, head_dim, scale, num_kv_heads)
+    errors = []
+    for index in range(2):
+        q, k, v, inputs = batch.step(index)
+        md = TritonPagedAttention.build_metadata(inputs)
+        out = triton_backend.forward(q, k, v, cache, md, k_scale=k_scale, v_scale=v_scale)
+        qk, qv = quantize(k, k_scale, cache_dtype), quantize(v, v_scale, cache_dtype)
+        assert torch.equal(flat[0, inputs.slot_mapping], qk.view(torch.uint8))
+        assert torch.equal(flat[1, inputs.slot_mapping], qv.view(torch.uint8))
+        ref = torch_backend.forward(
+            q.double(), dequantize(qk, k_scale, torch.float64), dequantize(qv, v_scale, torch.float64),
+            ref_cache, TorchPagedAttention.build_metadata(inputs),
+        )  # fmt: skip
+        assert not out.isnan().any(), f"step {index}: NaN in the output"
+        qsl = inputs.query_start_loc_np
+        for i in range(len(qsl) - 1):
+            rows = slice(int(qsl[i]), int(qsl[i + 1]))
+            errors.append((index, i, relative_error(out[rows], ref[rows])))
+    return errors

@@ -53,8 +53,13 @@ def test_lm_head_bias_and_tp_shard():
     load(head, w)
     head.bias.weight_loader(head.bias, b)
     assert torch.equal(head.weight[:3], w[4:]) and torch.equal(head.bias[:3], b[4:])
-    with pytest.raises(NotImplementedError):
-        head(torch.randn(2, 4))
+    # the gather concatenates the ranks' shards in rank order; the padding row is cut off
+    other = ParallelLMHead(7, 4, LayerContext(tp_rank=0, tp_size=2), bias=True)
+    load(other, w)
+    other.bias.weight_loader(other.bias, b)
+    h = torch.randn(2, 4)
+    head.all_gather = lambda shard: torch.cat([F.linear(h, other.weight, other.bias), shard], dim=-1)
+    torch.testing.assert_close(head(h), h @ w.T + b)
 
 
 def test_tied_head_shares_the_embedding_weight():

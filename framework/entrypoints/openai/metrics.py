@@ -3,7 +3,8 @@
 ``ServerMetrics`` is a ``StepObserver``: the engine thread calls
 ``observe`` after every loop iteration with the outputs of that iteration
 and the scheduler's gauges. It also reads the engine's ``EngineStats``
-(prefix-cache queries and hits, preemptions, KV slots): at most every
+(prefix-cache queries and hits, preemptions, KV slots, swapped requests
+and CPU swap usage): at most every
 ``STATS_PERIOD`` seconds while the engine is busy (a snapshot walks the
 running sequences) and after every iteration that leaves it idle, so the
 counters are exact whenever nothing runs. Each server has its own
@@ -64,6 +65,9 @@ class ServerMetrics:
         self.running = gauge("num_requests_running", "Sequences running on the engine.")
         self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
         self.kv_usage = gauge("kv_cache_usage_perc", "KV-cache usage: 1 means every block is in use.")
+        # from EngineStats snapshots (see _observe_stats)
+        self.swapped = gauge("num_requests_swapped", "Requests preempted by swap, their KV blocks in CPU memory.")
+        self.cpu_kv_usage = gauge("cpu_cache_usage_perc", "CPU swap-space usage: 1 means every CPU block is in use.")
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prefilled prompt tokens.", labels, registry=r).labels(
             model_name
         )
@@ -123,6 +127,8 @@ class ServerMetrics:
         self.prefix_queries.inc(stats.prefix_cache_queries - (last.prefix_cache_queries if last else 0))
         self.prefix_hits.inc(stats.prefix_cache_hits - (last.prefix_cache_hits if last else 0))
         self.preemptions.inc(stats.num_preemptions - (last.num_preemptions if last else 0))
+        self.swapped.set(stats.num_swapped)
+        self.cpu_kv_usage.set(stats.cpu_kv_cache_usage)
         self._engine_stats = stats
 
     def _observe_request(self, out: RequestOutput, now: float) -> None:
@@ -172,9 +178,10 @@ class ServerMetrics:
         stats = self._engine_stats
         if stats is not None:
             line += (
+                f", Swapped: {stats.num_swapped} reqs, CPU KV cache usage: {stats.cpu_kv_cache_usage * 100:.1f}%"
                 f", KV slots used: {stats.used_slots}/{stats.allocated_slots} allocated, "
                 f"Prefix cache hit rate: {stats.prefix_cache_hit_rate * 100:.1f}%, "
-                f"Preemptions: {stats.num_preemptions}"
+                f"Preemptions: {stats.num_preemptions} ({stats.num_swap_preemptions} by swap)"
             )
         return line
 

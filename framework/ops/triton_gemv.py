@@ -1,0 +1,339 @@
+"""Small-M linear layers (decode, 1..8 tokens) as a weight-streaming GEMV in Triton.
+
+``y[M, N] = x[M, K] @ W[N, K]^T (+ b)`` with W row-major, as
+``UnquantizedLinearMethod`` stores it. At M <= 8 the product is bound by
+reading W once (2 bytes a weight in bf16), so each program owns ``BLOCK_N``
+output features, walks K in ``BLOCK_K`` tiles (loads contiguous along K) and
+serves all M rows from that one read. Two inner loops, picked per config:
+
+* ``fma``: fp32 multiply-adds into a ``[BLOCK_M, BLOCK_N, BLOCK_K]``
+  register accumulator (``[BLOCK_N, BLOCK_K]`` at M == 1), summed over K once
+  at the end (no per-step reductions). Registers grow with BLOCK_M: best for
+  M of 1 or 2.
+* ``dot``: ``W_tile @ x_tile^T`` on the tensor cores (x padded to 16 rows by
+  masked loads), fp32 accumulation; the compiler pipelines the weight loads
+  ``num_stages`` deep. fp32 inputs use ``input_precision="ieee"``.
+
+When ``cdiv(N, BLOCK_N)`` programs would not fill the GPU, a config splits K
+into ``split`` slices: each writes fp32 partial sums to a workspace
+``[split, M, N]`` that a second kernel adds up with the bias (deterministic,
+no atomics, no memset). Every launch is device work on buffers sized by the
+shapes only, so it can be captured in a CUDA graph; configs come from a fixed
+table or a heuristic (never timed at run time).
+
+Arithmetic: products and sums in fp32 (fused multiply-adds: ``enable_fp_fusion``
+is set, Triton 3.10 turns it off by default), the bias added in fp32, the
+output rounded once, as cuBLAS does for ``F.linear``. ``gemv_silu_mul`` computes
+``down(silu(gate) * up)`` from ``gate_up [M, 2I]`` with the SiLU-and-mul in the
+load prologue, rounded where ``SiluAndMul`` rounds (silu in fp32 cast to the
+dtype, the product in fp32 cast again), so it equals ``SiluAndMul`` followed by
+``gemv`` up to the summation order.
+
+``FRAMEWORK_TRITON_GEMV=0`` in the environment (or ``set_enabled(False)``)
+sends the layers back to ``F.linear`` for A/B measurement;
+``FRAMEWORK_TRITON_GEMV_SILU=0`` keeps the GEMV but not the fused MLP tail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_M = 8  # the layers use the GEMV up to this many rows (tokens)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_enabled = os.environ.get("FRAMEWORK_TRITON_GEMV", "1") != "0"
+_fuse_silu_mul = os.environ.get("FRAMEWORK_TRITON_GEMV_SILU", "1") != "0"
+
+
+def set_enabled(enabled: bool, fuse_silu_mul: bool | None = None) -> None:
+    """Turn the GEMV dispatch of the layers (and, if given, the fused SiLU-mul MLP tail) on or off."""
+    global _enabled, _fuse_silu_mul
+    _enabled = bool(enabled)
+    if fuse_silu_mul is not None:
+        _fuse_silu_mul = bool(fuse_silu_mul)
+
+
+@triton.jit
+def _act_tile(x_ptr, rows, cols, stride_xm, K, mask, SILU: tl.constexpr):
+    """``x[rows, cols]`` in x's dtype; SILU: ``silu(x[rows, cols]) * x[rows, K + cols]``, rounded as torch rounds."""
+    ptrs = x_ptr + rows * stride_xm + cols
+    a = tl.load(ptrs, mask=mask, other=0.0)
+    if SILU:
+        gate = a.to(tl.float32)
+        up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(a.dtype)
+        a = (silu.to(tl.float32) * up).to(a.dtype)
+    return a
+
+
+# fmt: off
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # [M, K] activations (SILU: [M, 2K] gate | up), unit last stride
+    w_ptr,  # [N, K] weight, unit last stride
+    b_ptr,  # [N] bias (read only if HAS_BIAS)
+    out_ptr,  # [M, N] output in x dtype (row stride stride_om), or fp32 [S, M, N] partial sums (SPLIT)
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    k_per_split,  # K elements per program along grid axis 1 (a multiple of BLOCK_K)
+    BLOCK_M: tl.constexpr,  # power of two >= M (16 for DOT)
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr,  # tensor-core inner loop; full-precision fp32 dot
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks along K
+):
+# fmt: on
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    if DOT:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    elif BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        cols = k + offs_k
+        if EVEN_K:
+            w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None], other=0.0)
+            k_mask = offs_k < BLOCK_K
+        else:
+            k_mask = cols < K
+            w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT:  # [BLOCK_N, BLOCK_K] @ [BLOCK_K, BLOCK_M]
+            xt = _act_tile(x_ptr, offs_m[None, :], cols[:, None], stride_xm, K, m_mask[None, :] & k_mask[:, None], SILU)
+            if IEEE:
+                acc = tl.dot(w, xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w.to(xt.dtype), xt, acc)
+        elif BLOCK_M == 1:
+            xk = _act_tile(x_ptr, 0, cols, stride_xm, K, k_mask, SILU)
+            acc += w.to(tl.float32) * xk.to(tl.float32)[None, :]
+        else:
+            xk = _act_tile(x_ptr, offs_m[:, None], cols[None, :], stride_xm, K, m_mask[:, None] & k_mask[None, :], SILU)
+            acc += w.to(tl.float32)[None, :, :] * xk.to(tl.float32)[:, None, :]
+    # y^T [BLOCK_N, BLOCK_M] (DOT) or y [BLOCK_M, BLOCK_N]: address both through (n, m) offsets
+    if DOT:
+        y = acc
+        on = offs_n[:, None]
+        om = offs_m[None, :]
+    else:
+        if BLOCK_M == 1:
+            y = tl.sum(acc, axis=1)[None, :]
+        else:
+            y = tl.sum(acc, axis=2)
+        on = offs_n[None, :]
+        om = offs_m[:, None]
+    mask = (om < M) & (on < N)
+    if SPLIT:
+        tl.store(out_ptr + (pid_k * M + om) * N + on, y, mask=mask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + on, mask=on < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + om * stride_om + on, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_splits_kernel(
+    ws_ptr,  # fp32 [S, M, N] partial sums
+    b_ptr,  # [N] bias (read only if HAS_BIAS)
+    out_ptr,  # [M, N], row stride stride_om
+    M, N, S, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``out[m, n] = sum_s ws[s, m, n] + b[n]`` in fp32, rounded once. Grid ``(M, cdiv(N, BLOCK))``."""
+    m = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(S):
+        acc += tl.load(ws_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# -- configs ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """How one (M, N, K) runs. ``split``: K slices (programs along grid axis 1) asked for."""
+
+    dot: bool
+    block_n: int
+    block_k: int
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __str__(self) -> str:
+        kind = "dot" if self.dot else "fma"
+        return f"{kind}:n{self.block_n}:k{self.block_k}:s{self.split}:w{self.num_warps}:st{self.num_stages}"
+
+
+# Hand-picked configs by (M, N, K) for the shapes that matter (benchmarks/check_gemv.py prints a
+# table to paste here). None: F.linear measured faster there, the layers keep it. Keys absent:
+# heuristic_config.
+TUNED: dict[tuple[int, int, int], Config | None] = {}
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def auto_split(n: int, k: int, block_n: int, block_k: int, sms: int, waves: float = 2.0) -> int:
+    """K slices so that ``cdiv(n, block_n) * split`` reaches about ``waves * sms`` programs (1 when it does already)."""
+    tiles = triton.cdiv(n, block_n)
+    want = int(waves * sms)
+    if tiles >= want:
+        return 1
+    return max(1, min(triton.cdiv(want, tiles), triton.cdiv(k, block_k)))
+
+
+def heuristic_config(m: int, n: int, k: int, device: torch.device) -> Config:
+    """A config chosen without timing: fma for M <= 2, tensor cores above (small blocks on the CPU interpreter)."""
+    if device.type != "cuda":
+        return Config(dot=m > 2, block_n=16, block_k=64)
+    sms = num_sms(device)
+    if m <= 2:
+        bn, bk = (8, 512) if m == 1 else (8, 256)
+        return Config(False, bn, bk, auto_split(n, k, bn, bk, sms), 4, 3)
+    bn, bk = 64, 128
+    return Config(True, bn, bk, auto_split(n, k, bn, bk, sms), 4, 4)
+
+
+def choose_config(m: int, n: int, k: int, device: torch.device) -> Config:
+    return TUNED.get((m, n, k)) or heuristic_config(m, n, k, device)
+
+
+# -- the ops ---------------------------------------------------------------------------
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = False) -> bool:
+    """Whether the layers should run the GEMV (``silu``: ``gemv_silu_mul``) on ``x [..., K]``, ``weight [N, K]``."""
+    k = x.shape[-1] // 2 if silu else x.shape[-1]
+    return (
+        _enabled
+        and (_fuse_silu_mul or not silu)
+        and x.shape[:-1].numel() <= MAX_M
+        and x.dtype in DTYPES
+        and weight.dtype == x.dtype
+        and weight.dim() == 2
+        and weight.shape[1] == k
+        and (not silu or x.shape[-1] % 2 == 0)
+        and (bias is None or (bias.dtype == x.dtype and bias.shape == weight.shape[:1]))
+        and TUNED.get((x.shape[:-1].numel(), weight.shape[0], k), True) is not None
+    )
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K]; got shape {tuple(x.shape)}")
+    if x.shape[0] > MAX_M:
+        raise ValueError(f"x.shape[0]={x.shape[0]} is over the GEMV limit of {MAX_M} rows")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x.dtype={x.dtype} is not supported; it must be float32, float16 or bfloat16")
+    if weight.dim() != 2 or weight.shape[1] != k or weight.dtype != x.dtype:
+        raise ValueError(f"weight must be {x.dtype} [N, {k}]; got {weight.dtype} {tuple(weight.shape)}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be {x.dtype} [{weight.shape[0]}]; got {bias.dtype} {tuple(bias.shape)}")
+
+
+def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None) -> torch.Tensor:
+    m, n = x.shape[0], weight.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {x.dtype} [{m}, {n}] with a unit last stride; got {out.dtype} {tuple(out.shape)}")
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    cfg = config or choose_config(m, n, k, x.device)
+    per = triton.cdiv(triton.cdiv(k, max(1, cfg.split)), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(k, per)
+    target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    block_m = 16 if cfg.dot else triton.next_power_of_2(m)
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        x, weight, bias if bias is not None else x, target,
+        m, n, k, x.stride(0), weight.stride(0), out.stride(0), per,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        DOT=cfg.dot, IEEE=x.dtype == torch.float32,
+        SPLIT=splits > 1, HAS_BIAS=bias is not None, SILU=silu, EVEN_K=k % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
+    )  # fmt: skip
+    if splits > 1:
+        block = 1024
+        _sum_splits_kernel[(m, triton.cdiv(n, block))](
+            target, bias if bias is not None else target, out, m, n, splits, out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a few rows, reading the weight once.
+
+    Args:
+        x: ``[M, K]`` activations, ``M <= MAX_M``; float32, float16 or bfloat16.
+        weight: ``[N, K]`` in x's dtype, unit last stride.
+        bias: optional ``[N]`` in x's dtype.
+        out: optional ``[M, N]`` output buffer (unit last stride).
+        config: a ``Config`` to run (default: ``TUNED``, else ``heuristic_config``).
+
+    Returns:
+        ``[M, N]`` in x's dtype.
+    """
+    _check(x, weight, bias, x.shape[-1] if x.dim() == 2 else -1)
+    return _launch(x, weight, bias, out, x.shape[1], False, config)
+
+
+def gemv_silu_mul(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """``F.linear(silu(gate) * up, weight, bias)`` with ``gate_up = [gate | up]`` (the SwiGLU MLP's down projection).
+
+    Args:
+        gate_up: ``[M, 2I]``, ``M <= MAX_M`` (the merged gate/up projection's output).
+        weight: ``[N, I]`` down-projection weight in gate_up's dtype.
+        bias, out, config: as for ``gemv``.
+
+    Returns:
+        ``[M, N]`` in gate_up's dtype.
+    """
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must be 2-D [M, 2I] with an even last dim; got shape {tuple(gate_up.shape)}")
+    inter = gate_up.shape[1] // 2
+    _check(gate_up, weight, bias, inter)
+    return _launch(gate_up, weight, bias, out, inter, True, config)

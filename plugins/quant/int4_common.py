@@ -1,0 +1,192 @@
+"""The one in-memory layout every integer weight-only layer (GPTQ, AWQ) is converted to.
+
+After ``process_weights_after_loading`` a layer holds (K input features, N
+output features on this rank, ``pack = 32 // bits``)::
+
+    qweight  int32 [K // pack, N]   bits slice j (lowest bits first) of qweight[r, n]
+                                    is the unsigned value q of input k = r * pack + j
+    scales   act dtype [G, N]       G = K // group_size
+    zeros    act dtype [G, N]       the real zero point (not the GPTQ "stored - 1")
+    perm     None | int64 [K]       act-order: apply() multiplies x[..., perm]
+    bits, group_size                attributes (group_size == K for "-1" checkpoints)
+
+    W[n, k] = (q[k, n] - zeros[g, n]) * scales[g, n],   g = k // group_size
+
+``apply_int_weight`` runs the Triton kernel
+(``plugins.quant.triton_int4.int4_matmul``) on CUDA when it imports, and
+otherwise dequantizes and calls ``F.linear`` (the CPU path, and the reference).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# fused layer name -> the checkpoint linears it holds (for skip lists)
+FUSED_COMPONENTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+# -- bit packing -------------------------------------------------------------
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 ``[R, N]`` packed along dim 0 -> int32 ``[R * pack, N]`` values in ``[0, 2**bits)``."""
+    pack, mask = 32 // bits, (1 << bits) - 1
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+    values = (packed.unsqueeze(1) >> shifts.view(1, pack, 1)) & mask  # [R, pack, N]
+    return values.reshape(-1, packed.shape[1])
+
+
+def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 ``[R, C]`` packed along dim 1 (slot j of column c is column ``c * pack + j``) -> ``[R, C * pack]``."""
+    pack, mask = 32 // bits, (1 << bits) - 1
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+    values = (packed.unsqueeze(2) >> shifts.view(1, 1, pack)) & mask  # [R, C, pack]
+    return values.reshape(packed.shape[0], -1)
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``unpack_rows``: ``[K, N]`` values in ``[0, 2**bits)`` -> int32 ``[K // pack, N]``."""
+    pack = 32 // bits
+    if values.shape[0] % pack:
+        raise ValueError(f"{values.shape[0]} rows are not a multiple of the pack factor {pack}")
+    shifts = torch.arange(0, 32, bits, device=values.device, dtype=torch.int64)
+    grouped = values.to(torch.int64).reshape(-1, pack, values.shape[1])
+    words = (grouped << shifts.view(1, pack, 1)).sum(dim=1)  # in [0, 2**32): no overlap between slots
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+# -- the layout ----------------------------------------------------------------
+
+
+def dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """The layout above -> dense ``W [N, K]`` in ``scales.dtype``."""
+    q = unpack_rows(qweight, bits)  # [K, N]
+    if q.shape[0] != scales.shape[0] * group_size:
+        raise ValueError(f"qweight holds {q.shape[0]} input features but scales cover {scales.shape[0]} x {group_size}")
+    zeros_k = zeros.repeat_interleave(group_size, dim=0)
+    scales_k = scales.repeat_interleave(group_size, dim=0)
+    return ((q.to(scales.dtype) - zeros_k) * scales_k).t()
+
+
+def set_int_layout(
+    layer: nn.Module,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    drop: Iterable[str] = (),
+) -> None:
+    """Install the layout on ``layer`` (replacing the checkpoint's parameters; ``drop`` names extra ones)."""
+    for name in ("qweight", "scales", "zeros", "qzeros", "g_idx", *drop):
+        if name in layer._parameters:
+            del layer._parameters[name]
+        if name in layer._buffers:
+            del layer._buffers[name]
+    layer.register_parameter("qweight", nn.Parameter(qweight.contiguous(), requires_grad=False))
+    layer.register_parameter("scales", nn.Parameter(scales.contiguous(), requires_grad=False))
+    layer.register_parameter("zeros", nn.Parameter(zeros.contiguous(), requires_grad=False))
+    layer.register_buffer("perm", None if perm is None else perm.to(torch.int64).contiguous(), persistent=False)
+    layer.bits, layer.group_size = bits, group_size
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_matmul() -> Callable | None:
+    try:
+        from plugins.quant.triton_int4 import int4_matmul
+    except Exception as err:  # no triton, or the kernel module is absent: dequantize instead
+        logger.warning("Triton int4 GEMM unavailable (%s); using dequantize + F.linear", err)
+        return None
+    return int4_matmul
+
+
+def apply_int_weight(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for a layer in the layout above; ``x`` is ``[..., K]``."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if layer.perm is not None:
+        x2d = x2d.index_select(1, layer.perm)
+    matmul = _triton_matmul() if x.is_cuda else None
+    if matmul is not None:
+        out = matmul(x2d.contiguous(), layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bits)
+    else:
+        weight = dequantize(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size)
+        out = F.linear(x2d, weight.to(x.dtype))
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+# -- shared by the quant configs -------------------------------------------------
+
+
+def make_param(layer: nn.Module, name: str, tensor: torch.Tensor, **attrs) -> nn.Parameter:
+    """Register ``tensor`` as a frozen parameter carrying the sharding ``attrs`` (see framework/layers/linear.py)."""
+    param = nn.Parameter(tensor, requires_grad=False)
+    for key, value in attrs.items():
+        setattr(param, key, value)
+    layer.register_parameter(name, param)
+    return param
+
+
+def check_choice(method: str, field: str, value, allowed: Iterable) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"{method} {field}={value!r} is not supported; {field} must be one of {allowed}")
+
+
+def check_group_size(method: str, group_size) -> int:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size != -1 and group_size <= 0):
+        raise ValueError(f"{method} group_size={group_size!r} is not supported; group_size must be -1 or > 0")
+    return group_size
+
+
+def component_names(prefix: str) -> list[str]:
+    """``...self_attn.qkv_proj`` -> the checkpoint names ``...q_proj``, ``...k_proj``, ``...v_proj``."""
+    head, _, last = prefix.rpartition(".")
+    parts = FUSED_COMPONENTS.get(last)
+    if parts is None:
+        return [prefix]
+    return [f"{head}.{p}" if head else p for p in parts]
+
+
+def is_quantized_layer(prefix: str, not_convert: Iterable[str] = (), only: Iterable[str] | None = None) -> bool:
+    """Whether the linear at ``prefix`` is quantized in the checkpoint.
+
+    ``not_convert`` (AWQ's ``modules_to_not_convert``): name fragments of
+    dense layers. ``only`` (GPTQ's ``modules_in_block_to_quantize``): names
+    within a block (``self_attn.q_proj``) of the quantized ones. A fused layer
+    must be all quantized or all dense.
+    """
+    names = component_names(prefix)
+    not_convert = [s for s in not_convert if s]
+    flags = []
+    for name in names:
+        quantized = not any(s in name for s in not_convert)
+        if only is not None:
+            quantized = quantized and any(name == o or name.endswith("." + o) for o in only)
+        flags.append(quantized)
+    if len(set(flags)) > 1:
+        raise ValueError(
+            f"{prefix} fuses {', '.join(names)}, but the checkpoint quantizes only some of them "
+            f"({dict(zip(names, flags))}); all parts of a fused layer must be quantized alike"
+        )
+    return flags[0]
+
+
+def checked_parts(layer_name: str, output_partition_sizes: list[int], multiple: int, what: str) -> None:
+    for size in output_partition_sizes:
+        if size % multiple:
+            raise ValueError(
+                f"{layer_name}: output partition of {size} features is not a multiple of {multiple} ({what})"
+            )

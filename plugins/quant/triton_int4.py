@@ -1,0 +1,462 @@
+"""Weight-only int4 / int8 GEMM in Triton: the weights are dequantized in registers.
+
+Layout (``plugins.quant.int4_common``; ``pack = 32 // bits``)::
+
+    x        [M, K]            fp16 / bf16 (fp32 for tests), unit last stride
+    qweight  int32 [K//pack, N] bits slice j (lowest first) of qweight[r, n] is q[k = r*pack + j, n]
+    scales   [G, N] x.dtype     G = K // group_size
+    zeros    [G, N] x.dtype
+    W[n, k] = (q[k, n] - zeros[g, n]) * scales[g, n],  g = k // group_size;   y = x @ W^T
+
+Three paths, picked per (M bucket, N, K, group, bits, dtype):
+
+* ``gemv`` (M == 1): each program streams a [BLOCK_K/pack, BLOCK_N] tile of packed
+  words per step over a slice of K (split-K). No integer-to-float conversion
+  instruction: a field ``f`` at bit offset ``b`` is or-ed into the float 2**23
+  (``0x4B000000``), whose bit pattern is then ``2**23 + f * 2**b`` exactly, so
+  one and-or plus one subtraction gives ``q * 2**b`` and the ``2**-b`` goes into
+  the x value (exact). Fields above bit 23 are shifted down once per word.
+  Products are summed per group before the scale:
+  ``sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k)``.
+* ``gemm``: a [BLOCK_M, BLOCK_N] output tile; each K step dequantizes a
+  [BLOCK_K, BLOCK_N] tile to x.dtype in registers and ``tl.dot``s it with the
+  x tile. Optional split-K for small M.
+* ``dequant`` (large M): dequantize the whole weight to x.dtype once, then
+  cuBLAS (``torch.matmul``); chosen only when measured faster.
+
+Split-K programs write fp32 partial sums to a workspace ``[S, M, N]`` that a
+second kernel adds up (deterministic, no atomics, no memset).
+
+BLOCK_K always divides group_size (which divides K), so a K step lies in one
+group and needs one row of scales and zeros, and K needs no masking.
+
+Config choice: a heuristic, or, on CUDA with ``FRAMEWORK_INT4_TUNE`` unset or
+``1``, the fastest of a few candidates timed on first use of a key (outside
+CUDA-graph capture only; during capture an unseen key takes the heuristic,
+so a warm-up over the same M buckets before capture keeps graphs on tuned
+configs). Everything a launch does is device work on buffers sized by the
+shapes only: it can be captured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+logger = logging.getLogger(__name__)
+
+MAGIC = tl.constexpr(0x4B000000)  # bit pattern of float32 2**23
+MAGIC_F = tl.constexpr(8388608.0)
+
+
+# fmt: off
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # [K] one row of activations
+    qw_ptr,  # int32 [K // PACK, N]
+    s_ptr, z_ptr,  # [G, N] scales, zeros
+    out_ptr,  # [N] in x dtype, or fp32 [S, N] partial sums (SPLIT)
+    N, K,
+    blocks_per_split,  # K steps per program along axis 1
+    GROUP: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT: tl.constexpr,
+):
+# fmt: on
+    MASK = (1 << BITS) - 1
+    HI = (23 - BITS) // BITS + 1  # first slice whose field would reach past bit 23
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_KP)
+    kb0 = pid_k * blocks_per_split
+    kb1 = tl.minimum(kb0 + blocks_per_split, K // BLOCK_K)
+    acc = tl.zeros([BLOCK_KP, BLOCK_N], dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        rows = kb * BLOCK_KP + offs_r
+        qw = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        high = qw >> (HI * BITS)
+        part = tl.zeros([BLOCK_KP, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_KP], dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            xj = tl.load(x_ptr + rows * PACK + j).to(tl.float32)
+            xsum += xj
+            if j < HI:
+                field = qw & (MASK << (j * BITS))
+                xj = xj * (1.0 / (1 << (j * BITS)))
+            else:
+                field = high & (MASK << ((j - HI) * BITS))
+                xj = xj * (1.0 / (1 << ((j - HI) * BITS)))
+            qf = (field | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F  # q * 2**b, exact
+            part += xj[:, None] * qf
+        g = (kb * BLOCK_K) // GROUP
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += s[None, :] * (part - z[None, :] * xsum[:, None])
+    y = tl.sum(acc, axis=0)
+    if SPLIT:
+        tl.store(out_ptr + pid_k * N + offs_n, y, mask=n_mask)
+    else:
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _dequant_tile(qw, s, z, BITS: tl.constexpr, PACK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int32 [BLOCK_K // PACK, BLOCK_N] words -> fp32 [BLOCK_K, BLOCK_N] weights (row r*PACK + j = slice j)."""
+    shifts = tl.arange(0, PACK) * BITS
+    q = (qw[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BLOCK_KP, PACK, BLOCK_N]
+    q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+    qf = (q | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F
+    return (qf - z[None, :]) * s[None, :]
+
+
+# fmt: off
+@triton.jit
+def _gemm_kernel(
+    x_ptr,  # [M, K] activations, row stride stride_xm
+    qw_ptr,  # int32 [K // PACK, N]
+    s_ptr, z_ptr,  # [G, N]
+    out_ptr,  # [M, N] in x dtype, or fp32 [S, M, N] partial sums (SPLIT)
+    M, N, K, stride_xm,
+    blocks_per_split,
+    GROUP: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr,
+    GROUP_M: tl.constexpr,  # output tiles ordered in bands of GROUP_M row tiles (L2 reuse of weights)
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,  # IEEE: fp32 inputs, full-precision dot
+):
+# fmt: on
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * num_n
+    first_m = (pid // band) * GROUP_M
+    rows_in_band = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % rows_in_band
+    pid_n = (pid % band) // rows_in_band
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M * N may pass 2**31
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_KP)
+    kb0 = pid_k * blocks_per_split
+    kb1 = tl.minimum(kb0 + blocks_per_split, K // BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kb * BLOCK_K + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+        qw = tl.load(qw_ptr + (kb * BLOCK_KP + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        g = (kb * BLOCK_K) // GROUP
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        w = _dequant_tile(qw, s, z, BITS, PACK, BLOCK_K, BLOCK_N).to(x_ptr.dtype.element_ty)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
+    else:
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _sum_splits_kernel(ws_ptr, out_ptr, numel, S, BLOCK: tl.constexpr):
+    """out[i] = sum_s ws[s, i], cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(S):
+        acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(
+    qw_ptr, s_ptr, z_ptr,
+    w_ptr,  # [K, N] dense weights in x dtype (W^T)
+    N,
+    GROUP: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    kb = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    qw = tl.load(qw_ptr + (kb * BLOCK_KP + tl.arange(0, BLOCK_KP))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+    g = (kb * BLOCK_K) // GROUP
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    w = _dequant_tile(qw, s, z, BITS, PACK, BLOCK_K, BLOCK_N)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+
+# -- launchers -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One way to run a shape. ``split_k``: K slices (programs along grid axis 1) asked for."""
+
+    kind: str  # "gemv" (M == 1), "gemm", or "dequant" (dense weight + torch.matmul)
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _block_k(group_size: int, wanted: int) -> int:
+    """The largest power of two <= wanted that divides group_size (group_size % 32 == 0: at least 32)."""
+    bk = group_size & -group_size
+    return min(bk, wanted)
+
+
+def _splits(k_blocks: int, split_k: int) -> tuple[int, int]:
+    """(K steps per program, programs along K) for about ``split_k`` slices."""
+    per = triton.cdiv(k_blocks, max(1, min(split_k, k_blocks)))
+    return per, triton.cdiv(k_blocks, per)
+
+
+def _sum_splits(ws: torch.Tensor, out: torch.Tensor) -> None:
+    numel = out.numel()
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(numel, block),)](ws, out, numel, ws.shape[0], BLOCK=block, num_warps=4)
+
+
+def _run_gemv(x, qweight, scales, zeros, group_size, bits, cfg: Config) -> torch.Tensor:
+    K, N = x.shape[1], qweight.shape[1]
+    bk = _block_k(group_size, cfg.block_k)
+    per, splits = _splits(K // bk, cfg.split_k)
+    out = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    target = torch.empty((splits, N), dtype=torch.float32, device=x.device) if splits > 1 else out
+    _gemv_kernel[(triton.cdiv(N, cfg.block_n), splits)](
+        x, qweight, scales, zeros, target, N, K, per,
+        GROUP=group_size, BITS=bits, PACK=32 // bits, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_KP=bk * bits // 32, SPLIT=splits > 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _sum_splits(target, out)
+    return out
+
+
+def _run_gemm(x, qweight, scales, zeros, group_size, bits, cfg: Config) -> torch.Tensor:
+    (M, K), N = x.shape, qweight.shape[1]
+    bk = _block_k(group_size, cfg.block_k)
+    per, splits = _splits(K // bk, cfg.split_k)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    target = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    _gemm_kernel[(tiles, splits)](
+        x, qweight, scales, zeros, target, M, N, K, x.stride(0), per,
+        GROUP=group_size, BITS=bits, PACK=32 // bits,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_KP=bk * bits // 32, GROUP_M=8,
+        SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _sum_splits(target, out)
+    return out
+
+
+def dequantize_triton(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int = 4
+) -> torch.Tensor:
+    """The layout above -> dense ``W^T`` as ``[K, N]`` in ``scales.dtype`` (so ``y = x @ W^T``)."""
+    N = qweight.shape[1]
+    K = scales.shape[0] * group_size
+    bk = _block_k(group_size, 64)
+    w = torch.empty((K, N), dtype=scales.dtype, device=qweight.device)
+    block_n = 128
+    _dequant_kernel[(K // bk, triton.cdiv(N, block_n))](
+        qweight, scales, zeros, w, N,
+        GROUP=group_size, BITS=bits, PACK=32 // bits, BLOCK_K=bk, BLOCK_KP=bk * bits // 32, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return w
+
+
+def _run(x, qweight, scales, zeros, group_size, bits, cfg: Config) -> torch.Tensor:
+    if cfg.kind == "gemv":
+        return _run_gemv(x, qweight, scales, zeros, group_size, bits, cfg)
+    if cfg.kind == "gemm":
+        return _run_gemm(x, qweight, scales, zeros, group_size, bits, cfg)
+    return torch.matmul(x, dequantize_triton(qweight, scales, zeros, group_size, bits))
+
+
+# -- choosing a config -------------------------------------------------------------
+
+
+def m_bucket(m: int) -> int:
+    """The tuning key's M: 1, then powers of two (2, 4, ..., 16, 32, ...)."""
+    return 1 if m <= 1 else triton.next_power_of_2(m)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _split_for(tiles: int, k_blocks: int, programs: int) -> int:
+    return max(1, min(k_blocks, triton.cdiv(programs, tiles)))
+
+
+def heuristic_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> Config:
+    """A config chosen without timing (the CPU interpreter, capture of an unseen key, tuning off)."""
+    sms = _num_sms(device)
+    small = device.type != "cuda"  # interpreter: small blocks keep it quick
+    if m == 1:
+        bn, bk = (64, 64) if small else (256, 128)
+        kb = k // _block_k(group_size, bk)
+        return Config("gemv", 1, bn, bk, _split_for(triton.cdiv(n, bn), kb, 2 * sms), 4, 4)
+    bm = min(64, max(16, triton.next_power_of_2(m))) if m <= 64 else (32 if small else 128)
+    bn = 32 if small else 128
+    bk = 32 if small else (128 if m <= 64 else 64)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    kb = k // _block_k(group_size, bk)
+    split = _split_for(tiles, kb, sms) if m <= 64 else 1
+    return Config("gemm", bm, bn, bk, split, 4 if m <= 64 else 8, 4 if m <= 64 else 3)
+
+
+def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device) -> list[Config]:
+    """What tuning times for the bucket ``m`` (the heuristic first)."""
+    sms = _num_sms(device)
+    out = [heuristic_config(m, n, k, group_size, device)]
+    if m == 1:
+        for bn, bk, warps in ((128, 128, 4), (256, 128, 4), (256, 256, 8), (512, 128, 8), (128, 256, 4)):
+            kb = k // _block_k(group_size, bk)
+            for waves in (1, 2, 4):
+                out.append(Config("gemv", 1, bn, bk, _split_for(triton.cdiv(n, bn), kb, waves * sms), warps, 4))
+    elif m <= 64:
+        bm = min(64, max(16, triton.next_power_of_2(m)))
+        for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 128, 4, 4), (128, 64, 4, 5), (256, 64, 8, 3)):
+            kb = k // _block_k(group_size, bk)
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+            for waves in (1, 2):
+                out.append(Config("gemm", bm, bn, bk, _split_for(tiles, kb, waves * sms), warps, stages))
+    else:
+        for bm, bn, bk, warps, stages in (
+            (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3),
+        ):  # fmt: skip
+            if bm <= 2 * m:
+                out.append(Config("gemm", bm, bn, bk, 1, warps, stages))
+        if m >= 512:
+            out.append(Config("dequant"))
+    return list(dict.fromkeys(out))
+
+
+_TUNED: dict[tuple, Config] = {}
+
+
+def _tuning_enabled() -> bool:
+    return os.environ.get("FRAMEWORK_INT4_TUNE", "1") != "0"
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _tune(key, x, qweight, scales, zeros, group_size, bits) -> Config:
+    from triton.testing import do_bench
+
+    best, best_ms = None, float("inf")
+    for cfg in candidate_configs(key[0], key[1], key[2], group_size, x.device):
+        try:
+            ms = do_bench(
+                lambda cfg=cfg: _run(x, qweight, scales, zeros, group_size, bits, cfg), warmup=3, rep=15, return_mode="median"
+            )
+        except Exception as err:  # a config this GPU cannot run (out of shared memory): skip it  # noqa: BLE001
+            logger.debug("int4 config %s failed: %r", cfg, err)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best or heuristic_config(key[0], key[1], key[2], group_size, x.device)
+
+
+def choose_config(x, qweight, scales, zeros, group_size, bits) -> Config:
+    (m, k), n = x.shape, qweight.shape[1]
+    key = (m_bucket(m), n, k, group_size, bits, x.dtype, x.device)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    if x.device.type != "cuda" or not _tuning_enabled() or _capturing(x.device):
+        return heuristic_config(m, n, k, group_size, x.device)
+    probe = x if m == key[0] else torch.randn((key[0], k), dtype=x.dtype, device=x.device)
+    cfg = _TUNED[key] = _tune(key, probe, qweight, scales, zeros, group_size, bits)
+    return cfg
+
+
+# -- the op ----------------------------------------------------------------------------
+
+
+def _check(x, qweight, scales, zeros, group_size, bits) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits} is not supported; bits must be 4 or 8")
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"x must be [M, K] with a unit last stride; got shape {tuple(x.shape)}, strides {x.stride()}")
+    K = x.shape[1]
+    pack = 32 // bits
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 32 or K % group_size:
+        raise ValueError(f"group_size={group_size} must be a positive multiple of 32 that divides K={K}")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * pack != K:
+        raise ValueError(f"qweight must be int32 [K // {pack}, N] = [{K // pack}, N]; got {qweight.dtype} {tuple(qweight.shape)}")
+    want = (K // group_size, qweight.shape[1])
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != want or t.dtype != x.dtype:
+            raise ValueError(f"{name} must be {x.dtype} {list(want)}; got {t.dtype} {list(t.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x.dtype={x.dtype} is not supported; x must be float16, bfloat16 or float32")
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def int4_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bits: int = 4,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """``x @ W^T`` for the packed layout above: ``[M, N]`` in ``x.dtype``.
+
+    Args:
+        x: ``[M, K]`` activations, unit last stride.
+        qweight, scales, zeros, group_size, bits: the layer's layout (module docstring).
+        config: force a ``Config`` (tests, benchmarks); None picks one.
+    Returns:
+        A new ``[M, N]`` tensor. On a CPU tensor without ``TRITON_INTERPRET=1``
+        it dequantizes in torch and multiplies (the reference).
+    """
+    _check(x, qweight, scales, zeros, group_size, bits)
+    M, N = x.shape[0], qweight.shape[1]
+    if M == 0:
+        return torch.empty((0, N), dtype=x.dtype, device=x.device)
+    if not _use_triton(x):
+        return torch.matmul(x, dequantize_torch(qweight, scales, zeros, group_size, bits))
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    cfg = config or choose_config(x, qweight, scales, zeros, group_size, bits)
+    if cfg.kind == "gemv" and M != 1:
+        raise ValueError(f"the gemv config runs M=1 only; got M={M}")
+    return _run(x, qweight, scales, zeros, group_size, bits, cfg)
+
+
+def dequantize_torch(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int = 4
+) -> torch.Tensor:
+    """Pure-torch reference of ``dequantize_triton``: ``W^T`` as ``[K, N]`` in ``scales.dtype``."""
+    pack = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=qweight.device, dtype=torch.int32)
+    q = ((qweight.unsqueeze(1) >> shifts.view(1, pack, 1)) & ((1 << bits) - 1)).reshape(-1, qweight.shape[1])
+    g = torch.arange(q.shape[0], device=q.device) // group_size
+    return ((q.float() - zeros.float()[g]) * scales.float()[g]).to(scales.dtype)
