@@ -122,7 +122,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[n, hidden]`` -> ``[n, vocab]`` float32 logits."""
-        logits = F.linear(hidden, self.weight, self.bias)
+        from framework.layers.linear import dense_linear
+
+        logits = dense_linear(hidden, self.weight, self.bias)
         return self._gather(logits)[..., : self.num_embeddings].float()
 
     def _gather(self, logits: torch.Tensor) -> torch.Tensor:

@@ -48,16 +48,21 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer, x, bias=None):
-        from framework import ops
+        return dense_linear(x, layer.weight, bias)
 
-        # a few rows (decode) on CUDA: the Triton GEMV streams the weight once (FRAMEWORK_TRITON_GEMV=0: off)
-        if x.shape[:-1].numel() <= 8 and ops.use_triton(x):
-            from framework.ops import triton_gemv
 
-            if triton_gemv.applies(x, layer.weight, bias):
-                out = triton_gemv.gemv(x.reshape(-1, x.shape[-1]), layer.weight, bias)
-                return out.view(*x.shape[:-1], out.shape[-1])
-        return F.linear(x, layer.weight, bias)
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or for a few rows (decode) on CUDA the Triton GEMV, which streams the weight once
+    (``FRAMEWORK_TRITON_GEMV=0``: off)."""
+    from framework import ops
+
+    if x.shape[:-1].numel() <= 8 and ops.use_triton(x):
+        from framework.ops import triton_gemv
+
+        if triton_gemv.applies(x, weight, bias):
+            out = triton_gemv.gemv(x.reshape(-1, x.shape[-1]), weight, bias)
+            return out.view(*x.shape[:-1], out.shape[-1])
+    return F.linear(x, weight, bias)
 
 
 def _divide(n: int, d: int, what: str) -> int:

@@ -188,7 +188,37 @@ class Config:
 # Hand-picked configs by (M, N, K) for the shapes that matter (benchmarks/check_gemv.py prints a
 # table to paste here). None: F.linear measured faster there, the layers keep it. Keys absent:
 # heuristic_config.
-TUNED: dict[tuple[int, int, int], Config | None] = {}
+# Measured on one H200 (bf16, 2026-11-21, `benchmarks/check_gemv.py`; docs/benchmarks.md).
+TUNED: dict[tuple[int, int, int], Config | None] = {
+    (1, 4096, 4096): Config(False, 16, 512, 1, 8, 3),
+    (1, 4096, 14336): Config(False, 16, 512, 1, 8, 3),
+    (1, 6144, 4096): Config(False, 8, 512, 1, 4, 3),
+    (1, 28672, 4096): Config(False, 16, 256, 1, 4, 3),
+    (1, 128256, 4096): Config(True, 64, 128, 1, 4, 4),
+    (2, 4096, 4096): Config(True, 32, 256, 1, 4, 4),
+    (2, 4096, 14336): None,  # F.linear is faster
+    (2, 6144, 4096): Config(True, 64, 256, 1, 4, 3),
+    (2, 28672, 4096): None,
+    (2, 128256, 4096): Config(True, 64, 128, 1, 4, 4),
+    (4, 4096, 4096): Config(True, 32, 256, 1, 4, 4),
+    (4, 4096, 14336): None,
+    (4, 6144, 4096): Config(True, 64, 256, 1, 4, 3),
+    (4, 28672, 4096): None,
+    (4, 128256, 4096): Config(True, 128, 128, 1, 8, 3),
+    (8, 4096, 4096): Config(True, 32, 256, 1, 4, 4),
+    (8, 4096, 14336): None,
+    (8, 6144, 4096): Config(True, 64, 256, 1, 4, 3),
+    (8, 28672, 4096): None,
+    (8, 128256, 4096): Config(True, 128, 128, 1, 8, 3),
+}
+# The same for ``gemv_silu_mul`` (keyed by the down projection's (M, N, I)): fused wins at M = 1
+# (32.7 us against 37.7 for SiLU-mul + GEMV) and loses above (44.7 against 35.3 at M = 2).
+SILU_TUNED: dict[tuple[int, int, int], Config | None] = {
+    (1, 4096, 14336): Config(False, 16, 256, 3, 4, 3),
+    (2, 4096, 14336): None,
+    (4, 4096, 14336): None,
+    (8, 4096, 14336): None,
+}
 
 
 @functools.cache
@@ -239,7 +269,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         and weight.shape[1] == k
         and (not silu or x.shape[-1] % 2 == 0)
         and (bias is None or (bias.dtype == x.dtype and bias.shape == weight.shape[:1]))
-        and TUNED.get((x.shape[:-1].numel(), weight.shape[0], k), True) is not None
+        and (SILU_TUNED if silu else TUNED).get((x.shape[:-1].numel(), weight.shape[0], k), True) is not None
     )
 
 
@@ -336,4 +366,6 @@ def gemv_silu_mul(
         raise ValueError(f"gate_up must be 2-D [M, 2I] with an even last dim; got shape {tuple(gate_up.shape)}")
     inter = gate_up.shape[1] // 2
     _check(gate_up, weight, bias, inter)
+    if config is None and gate_up.is_cuda:
+        config = SILU_TUNED.get((gate_up.shape[0], weight.shape[0], inter))
     return _launch(gate_up, weight, bias, out, inter, True, config)
