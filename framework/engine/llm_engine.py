@@ -217,10 +217,11 @@ class LLMEngine:
         per step is the largest host cost of a large batch).
         """
         batch = self.scheduler.schedule()
+        dropped = [self._drop_unfittable(group) for group in batch.unfittable]
         if not batch.seqs:
             if batch.swap_out:  # a request alone swapped itself out: its blocks still move
                 self.runner.execute(batch)
-            return []
+            return dropped
         now = time.monotonic()
         for group in batch.groups:
             if group.first_scheduled_time is None:
@@ -247,7 +248,18 @@ class LLMEngine:
                 outputs.append(self.outputs.request_output(group))
         self.scheduler.finish(finished)
         outputs += [self._release(group) for group in finished]
-        return outputs
+        return dropped + outputs
+
+    def _drop_unfittable(self, group: SequenceGroup) -> RequestOutput:
+        """A request the whole KV pool cannot hold (its sequences together): finished where it is, "length"."""
+        logger.warning(
+            "request %s: its %d sequences need more KV-cache blocks than the pool's %d; finished early "
+            "(finish_reason 'length'). Lower n/best_of or max_tokens, or give the cache more memory.",
+            group.request_id, group.num_live_seqs(), self.kv.pool.num_blocks,
+        )  # fmt: skip
+        for seq in group.live_seqs():
+            self.outputs.finish(seq, "length", None)
+        return self._release(group)
 
     def _release(self, group: SequenceGroup) -> RequestOutput:
         self._groups.pop(group.request_id, None)

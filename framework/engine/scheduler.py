@@ -48,6 +48,13 @@ Policy (FCFS):
   ``ScheduledBatch.swap_out`` / ``swap_in``; the runner performs them before
   the copy-on-write copies and the forward. A step has one kind or the
   other, never both.
+  A request that cannot get its blocks although no other request holds any
+  (it preempted itself while alone, or, at the head of the swapped or
+  waiting queue, does not fit an idle pool) never will: its sequences
+  together outgrow the pool. It is dropped (``ScheduledBatch.unfittable``)
+  and the engine finishes it where it is, with finish_reason "length",
+  rather than resuming it forever. (One sequence always fits: the engine
+  refuses a pool smaller than ``max_model_len``.)
 
 Prefix caching (when the KV manager has a cache): on admission, and on
 re-admission after a preemption, each live sequence of the request first
@@ -85,6 +92,9 @@ class ScheduledBatch:
     # (parent, child): child was forked this step and samples from parent's logits row
     forks: list[tuple[Sequence, Sequence]] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
+    # requests dropped because they cannot fit the KV pool even alone (several sequences of a
+    # long request); the engine finishes them with finish_reason "length"
+    unfittable: list[SequenceGroup] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (GPU src, CPU dst), first
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (CPU src, GPU dst), after swap_out
 
@@ -181,13 +191,31 @@ class Scheduler:
             seq, n = plan[0]
             while not kv.allocate_slots(seq, n):
                 if self._preempt_newest(batch) is group:
-                    return False
+                    return self._drop_if_alone(batch, group)
             return True
         while kv.blocks_for(plan) > kv.pool.num_free:
             if self._preempt_newest(batch) is group:
-                return False
+                return self._drop_if_alone(batch, group)
         self._allocate_counted(plan)
         return True
+
+    def _drop_if_alone(self, batch: ScheduledBatch, group: SequenceGroup) -> bool:
+        """``group`` just preempted itself. If no other request was running, the whole pool could
+        not hold its next step: it never will, so it is dropped (``batch.unfittable``) instead of
+        being preempted and resumed forever. Returns False (the request did not get its blocks)."""
+        if not self.running:
+            self._drop(batch, group)
+        return False
+
+    def _drop(self, batch: ScheduledBatch, group: SequenceGroup) -> None:
+        if batch.preempted and batch.preempted[-1] is group:
+            batch.preempted.pop()
+            if group in self.swapped:
+                self.num_swap_preemptions -= 1
+            else:
+                self.num_recompute_preemptions -= 1
+        self.abort({group.request_id})
+        batch.unfittable.append(group)
 
     def _allocate_counted(self, plan: Plan) -> None:
         """Allocate a plan whose blocks were counted to fit (``blocks_for``): it cannot fail."""
@@ -215,6 +243,9 @@ class Scheduler:
             seqs = group.live_seqs()
             plan = _plan(group, budget)
             if not plan or kv.blocks_to_swap_in(seqs, plan) > kv.pool.num_free:
+                if plan and not self.running and not batch.seqs:  # the whole pool is free, and not enough
+                    self._drop(batch, group)
+                    continue
                 break
             kv.swap_in(seqs)
             self._allocate_counted(plan)
@@ -239,6 +270,9 @@ class Scheduler:
             plan = _plan(group, budget)
             if not plan or not self._allocate_all(plan):
                 self._release_blocks(group)
+                if plan and not self.running and not batch.seqs:  # the whole pool is free, and not enough
+                    self._drop(batch, group)
+                    continue
                 break
             if looked_up is not None:
                 self.kv.cache.record(*looked_up)
