@@ -16,26 +16,30 @@ Three paths, picked per (M bucket, N, K, group, bits, dtype):
   (``0x4B000000``), whose bit pattern is then ``2**23 + f * 2**b`` exactly, so
   one and-or plus one subtraction gives ``q * 2**b`` and the ``2**-b`` goes into
   the x value (exact). Fields above bit 23 are shifted down once per word.
-  Products are summed per group before the scale:
-  ``sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k)``.
+  Products are summed per packed row before the scale:
+  ``sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k)``. A step may
+  span several groups (BLOCK_K a multiple of a power-of-two group_size that
+  divides K); scales and zeros are then read per packed row (L1 hits).
 * ``gemm``: a [BLOCK_M, BLOCK_N] output tile; each K step dequantizes a
   [BLOCK_K, BLOCK_N] tile to x.dtype in registers and ``tl.dot``s it with the
-  x tile. Optional split-K for small M.
+  x tile. Optional split-K for small M. BLOCK_K divides group_size.
 * ``dequant`` (large M): dequantize the whole weight to x.dtype once, then
-  cuBLAS (``torch.matmul``); chosen only when measured faster.
+  cuBLAS (``torch.matmul``); chosen when measured faster (M >= 256 on an H200).
 
-Split-K programs write fp32 partial sums to a workspace ``[S, M, N]`` that a
-second kernel adds up (deterministic, no atomics, no memset).
+Split-K programs write fp32 partial sums to a workspace ``[S, M, N]``. In
+the gemv, the last program to finish an output tile (an arrival counter per
+tile, reset by that program) adds them in split order and writes the output,
+so one launch does it all (deterministic, no memset); the gemm's wider tiles
+are added by a second kernel (``SERIAL_REDUCE`` says which, per kind). A gemv
+captured before any eager call (no counters yet) also takes the second
+kernel: same order, same bits. K needs no masking.
 
-BLOCK_K always divides group_size (which divides K), so a K step lies in one
-group and needs one row of scales and zeros, and K needs no masking.
-
-Config choice: a heuristic, or, on CUDA with ``FRAMEWORK_INT4_TUNE`` unset or
-``1``, the fastest of a few candidates timed on first use of a key (outside
-CUDA-graph capture only; during capture an unseen key takes the heuristic,
-so a warm-up over the same M buckets before capture keeps graphs on tuned
-configs). Everything a launch does is device work on buffers sized by the
-shapes only: it can be captured.
+Config choice: ``TUNED`` (measured, for the Llama-3-8B shapes); else, on CUDA
+with ``FRAMEWORK_INT4_TUNE`` unset or ``1``, the fastest of the candidates
+timed on first use of a key (outside CUDA-graph capture only; during capture
+an unseen key takes the heuristic, so a warm-up over the same M buckets before
+capture keeps graphs on tuned configs); else a heuristic. Everything a launch
+does is device work on buffers sized by the shapes only: it can be captured.
 """
 
 from __future__ import annotations
@@ -54,17 +58,62 @@ MAGIC = tl.constexpr(0x4B000000)  # bit pattern of float32 2**23
 MAGIC_F = tl.constexpr(8388608.0)
 
 
+@triton.jit
+def _finish(
+    y,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    offs,
+    mask,
+    tile,
+    pid_k,
+    num_splits,
+    split_stride,
+    REDUCE: tl.constexpr,
+):
+    """Store a program's fp32 result ``y`` at ``offs`` (same offsets in out and in one split of ws).
+
+    REDUCE 0: no split, round into out. 1: partial sums into ws split ``pid_k``
+    (``_sum_splits_kernel`` adds them). 2: the same, then the program that
+    finds itself last of the ``num_splits`` on its output tile (a counter per
+    tile, bumped after a CTA barrier with acquire-release semantics) adds the
+    partials in split order (deterministic) into out and resets the counter
+    to zero for the next launch.
+    """
+    if REDUCE == 0:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * split_stride + offs, y, mask=mask)
+        if REDUCE == 2:
+            tl.debug_barrier()  # every thread's partial stored before the counter moves
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == num_splits - 1:
+                tot = tl.zeros_like(y)
+                for s in range(num_splits):
+                    tot += tl.load(
+                        ws_ptr + s * split_stride + offs,
+                        mask=mask,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                tl.store(out_ptr + offs, tot.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
 # fmt: off
 @triton.jit
 def _gemv_kernel(
     x_ptr,  # [K] one row of activations
     qw_ptr,  # int32 [K // PACK, N]
     s_ptr, z_ptr,  # [G, N] scales, zeros
-    out_ptr,  # [N] in x dtype, or fp32 [S, N] partial sums (SPLIT)
+    out_ptr,  # [N] in x dtype
+    ws_ptr,  # fp32 [S, N] partial sums (REDUCE > 0)
+    cnt_ptr,  # int32 [>= cdiv(N, BLOCK_N)] zeroed arrival counters (REDUCE == 2)
     N, K,
-    blocks_per_split,  # K steps per program along axis 1
+    blocks_per_split, num_splits,  # K steps per program along axis 1; programs along axis 1
     GROUP: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, REDUCE: tl.constexpr,
 ):
 # fmt: on
     MASK = (1 << BITS) - 1
@@ -94,15 +143,18 @@ def _gemv_kernel(
                 xj = xj * (1.0 / (1 << ((j - HI) * BITS)))
             qf = (field | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F  # q * 2**b, exact
             part += xj[:, None] * qf
-        g = (kb * BLOCK_K) // GROUP
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += s[None, :] * (part - z[None, :] * xsum[:, None])
+        if BLOCK_K <= GROUP:  # one group per step: one row of scales and zeros
+            g = (kb * BLOCK_K) // GROUP
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += s[None, :] * (part - z[None, :] * xsum[:, None])
+        else:  # BLOCK_K // GROUP groups per step: scales and zeros per packed row (L1 hits)
+            g2 = ((rows * PACK) // GROUP)[:, None] * N + offs_n[None, :]
+            s2 = tl.load(s_ptr + g2, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            z2 = tl.load(z_ptr + g2, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            acc += s2 * (part - z2 * xsum[:, None])
     y = tl.sum(acc, axis=0)
-    if SPLIT:
-        tl.store(out_ptr + pid_k * N + offs_n, y, mask=n_mask)
-    else:
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    _finish(y, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k, num_splits, N, REDUCE)
 
 
 @triton.jit
@@ -121,13 +173,15 @@ def _gemm_kernel(
     x_ptr,  # [M, K] activations, row stride stride_xm
     qw_ptr,  # int32 [K // PACK, N]
     s_ptr, z_ptr,  # [G, N]
-    out_ptr,  # [M, N] in x dtype, or fp32 [S, M, N] partial sums (SPLIT)
+    out_ptr,  # [M, N] in x dtype
+    ws_ptr,  # fp32 [S, M, N] partial sums (REDUCE > 0)
+    cnt_ptr,  # int32 [>= output tiles] zeroed arrival counters (REDUCE == 2)
     M, N, K, stride_xm,
-    blocks_per_split,
+    blocks_per_split, num_splits,
     GROUP: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr,
     GROUP_M: tl.constexpr,  # output tiles ordered in bands of GROUP_M row tiles (L2 reuse of weights)
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,  # IEEE: fp32 inputs, full-precision dot
+    REDUCE: tl.constexpr, IEEE: tl.constexpr,  # REDUCE: as in _finish; IEEE: fp32 inputs, full-precision dot
 ):
 # fmt: on
     pid = tl.program_id(0)
@@ -160,10 +214,8 @@ def _gemm_kernel(
         else:
             acc = tl.dot(a, w, acc)
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT:
-        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=out_mask)
-    else:
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    offs = offs_m[:, None] * N + offs_n[None, :]
+    _finish(acc, out_ptr, ws_ptr, cnt_ptr, offs, out_mask, pid, pid_k, num_splits, M * N, REDUCE)
 
 
 @triton.jit
@@ -213,16 +265,47 @@ class Config:
     num_stages: int = 3
 
 
-def _block_k(group_size: int, wanted: int) -> int:
-    """The largest power of two <= wanted that divides group_size (group_size % 32 == 0: at least 32)."""
+def _block_k(group_size: int, wanted: int, k: int = 0) -> int:
+    """The K step for ``wanted``: the largest power of two <= wanted that divides group_size (at least 32,
+    as group_size % 32 == 0); or, with ``k`` given and group_size a power of two below wanted, the largest
+    power-of-two multiple of group_size <= wanted that divides k (several groups per step: the gemv only)."""
     bk = group_size & -group_size
-    return min(bk, wanted)
+    if k and bk == group_size:
+        while bk * 2 <= wanted and k % (bk * 2) == 0:
+            bk *= 2
+    return min(bk, wanted) if bk <= group_size else bk
 
 
 def _splits(k_blocks: int, split_k: int) -> tuple[int, int]:
     """(K steps per program, programs along K) for about ``split_k`` slices."""
     per = triton.cdiv(k_blocks, max(1, min(split_k, k_blocks)))
     return per, triton.cdiv(k_blocks, per)
+
+
+# Arrival counters for the in-kernel split-K reduction, one zeroed int32 per output tile, per device. The
+# last program of a tile puts its counter back to zero, so the buffer stays zeroed between launches; the
+# launches that share it must run one after another (one stream), as the engine's do. Allocated outside
+# CUDA-graph capture only (a capture before any eager call reduces with the second kernel instead).
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MAX_TILES = 1 << 16
+# Per kind: add split-K partial sums in the kernel (True) or with _sum_splits_kernel. Measured on an H200:
+# in-kernel saves 1.5-4 us a call at M=1; for gemm tiles the last program's serial sum of S tiles costs
+# about what the second launch does (M=16) or more (M=64 with many splits), so gemm keeps two kernels.
+SERIAL_REDUCE = {"gemv": True, "gemm": False}
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    cnt = _COUNTERS.get(device)
+    if cnt is None and tiles <= _MAX_TILES and not _capturing(device):
+        cnt = _COUNTERS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+    return cnt if cnt is not None and tiles <= cnt.numel() else None
+
+
+def _reduce_mode(kind: str, splits: int, tiles: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    if splits == 1:
+        return 0, None
+    cnt = _counters(device, tiles) if SERIAL_REDUCE[kind] else None
+    return (2, cnt) if cnt is not None else (1, None)
 
 
 def _sum_splits(ws: torch.Tensor, out: torch.Tensor) -> None:
@@ -233,17 +316,19 @@ def _sum_splits(ws: torch.Tensor, out: torch.Tensor) -> None:
 
 def _run_gemv(x, qweight, scales, zeros, group_size, bits, cfg: Config) -> torch.Tensor:
     K, N = x.shape[1], qweight.shape[1]
-    bk = _block_k(group_size, cfg.block_k)
+    bk = _block_k(group_size, cfg.block_k, K)
     per, splits = _splits(K // bk, cfg.split_k)
+    tiles = triton.cdiv(N, cfg.block_n)
     out = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    target = torch.empty((splits, N), dtype=torch.float32, device=x.device) if splits > 1 else out
-    _gemv_kernel[(triton.cdiv(N, cfg.block_n), splits)](
-        x, qweight, scales, zeros, target, N, K, per,
-        GROUP=group_size, BITS=bits, PACK=32 // bits, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_KP=bk * bits // 32, SPLIT=splits > 1,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    reduce, cnt = _reduce_mode("gemv", splits, tiles, x.device)
+    ws = torch.empty((splits, N), dtype=torch.float32, device=x.device) if splits > 1 else out
+    _gemv_kernel[(tiles, splits)](
+        x, qweight, scales, zeros, out, ws, cnt if cnt is not None else out, N, K, per, splits,
+        GROUP=group_size, BITS=bits, PACK=32 // bits, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_KP=bk * bits // 32,
+        REDUCE=reduce, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if splits > 1:
-        _sum_splits(target, out)
+    if reduce == 1:
+        _sum_splits(ws, out)
     return out
 
 
@@ -252,17 +337,18 @@ def _run_gemm(x, qweight, scales, zeros, group_size, bits, cfg: Config) -> torch
     bk = _block_k(group_size, cfg.block_k)
     per, splits = _splits(K // bk, cfg.split_k)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    target = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    reduce, cnt = _reduce_mode("gemm", splits, tiles, x.device)
+    ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
     _gemm_kernel[(tiles, splits)](
-        x, qweight, scales, zeros, target, M, N, K, x.stride(0), per,
+        x, qweight, scales, zeros, out, ws, cnt if cnt is not None else out, M, N, K, x.stride(0), per, splits,
         GROUP=group_size, BITS=bits, PACK=32 // bits,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_KP=bk * bits // 32, GROUP_M=8,
-        SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
+        REDUCE=reduce, IEEE=x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if splits > 1:
-        _sum_splits(target, out)
+    if reduce == 1:
+        _sum_splits(ws, out)
     return out
 
 
@@ -312,10 +398,12 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, device: torch.devi
     """A config chosen without timing (the CPU interpreter, capture of an unseen key, tuning off)."""
     sms = _num_sms(device)
     small = device.type != "cuda"  # interpreter: small blocks keep it quick
-    if m == 1:
-        bn, bk = (64, 64) if small else (256, 128)
-        kb = k // _block_k(group_size, bk)
-        return Config("gemv", 1, bn, bk, _split_for(triton.cdiv(n, bn), kb, 2 * sms), 4, 4)
+    if m == 1:  # narrow tiles, several groups a step, ~8 programs per SM (the H200's measured winners)
+        bn, bk = (64, 64) if small else (32, 512)
+        kb = k // _block_k(group_size, bk, k)
+        return Config("gemv", 1, bn, bk, _split_for(triton.cdiv(n, bn), kb, 8 * sms), 4, 3)
+    if m >= 256 and not small:  # dequantize + cuBLAS beat every tiled config measured at M >= 256
+        return Config("dequant")
     bm = min(64, max(16, triton.next_power_of_2(m))) if m <= 64 else (32 if small else 128)
     bn = 32 if small else 128
     bk = 32 if small else (128 if m <= 64 else 64)
@@ -325,32 +413,106 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, device: torch.devi
     return Config("gemm", bm, bn, bk, split, 4 if m <= 64 else 8, 4 if m <= 64 else 3)
 
 
+# (block_n, block_k, warps) of the M=1 candidates: block_k above the group size takes several groups a step
+_GEMV_TILES = (
+    (32, 512, 4), (64, 256, 4), (64, 512, 4), (128, 128, 4), (128, 256, 4), (128, 512, 8),
+    (256, 128, 8), (256, 256, 8), (512, 128, 8),
+)  # fmt: skip
+_GEMM_SMALL_TILES = (  # (block_n, block_k, warps, stages) for 2 <= M <= 64
+    (64, 128, 4, 4), (128, 128, 4, 4), (128, 64, 4, 5), (256, 64, 8, 3), (64, 64, 4, 6), (256, 128, 8, 3),
+)
+_GEMM_TILES = (  # (block_m, block_n, block_k, warps, stages) for M > 64
+    (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3),
+    (128, 128, 64, 4, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 64, 128, 4, 4), (64, 128, 128, 4, 3),
+)  # fmt: skip
+
+
 def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device) -> list[Config]:
     """What tuning times for the bucket ``m`` (the heuristic first)."""
     sms = _num_sms(device)
     out = [heuristic_config(m, n, k, group_size, device)]
     if m == 1:
-        for bn, bk, warps in ((128, 128, 4), (256, 128, 4), (256, 256, 8), (512, 128, 8), (128, 256, 4)):
-            kb = k // _block_k(group_size, bk)
-            for waves in (1, 2, 4):
-                out.append(Config("gemv", 1, bn, bk, _split_for(triton.cdiv(n, bn), kb, waves * sms), warps, 4))
+        for bn, bk, warps in _GEMV_TILES:
+            kb = k // _block_k(group_size, bk, k)
+            tiles = triton.cdiv(n, bn)
+            out += [Config("gemv", 1, bn, bk, 1, warps, stages) for stages in (1, 3, 5)]
+            for waves in (1, 2, 4, 8):
+                out.append(Config("gemv", 1, bn, bk, _split_for(tiles, kb, waves * sms), warps, 3))
     elif m <= 64:
         bm = min(64, max(16, triton.next_power_of_2(m)))
-        for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 128, 4, 4), (128, 64, 4, 5), (256, 64, 8, 3)):
+        for bn, bk, warps, stages in _GEMM_SMALL_TILES:
             kb = k // _block_k(group_size, bk)
             tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-            for waves in (1, 2):
-                out.append(Config("gemm", bm, bn, bk, _split_for(tiles, kb, waves * sms), warps, stages))
+            for waves in (0, 1, 2, 4):
+                split = _split_for(tiles, kb, waves * sms) if waves else 1
+                out.append(Config("gemm", bm, bn, bk, split, warps, stages))
     else:
-        for bm, bn, bk, warps, stages in (
-            (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3),
-        ):  # fmt: skip
+        for bm, bn, bk, warps, stages in _GEMM_TILES:
             if bm <= 2 * m:
                 out.append(Config("gemm", bm, bn, bk, 1, warps, stages))
-        if m >= 512:
-            out.append(Config("dequant"))
+                tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+                if m <= 256 and tiles < sms:
+                    out.append(Config("gemm", bm, bn, bk, _split_for(tiles, k // _block_k(group_size, bk), sms), warps, stages))
+        out.append(Config("dequant"))
     return list(dict.fromkeys(out))
 
+
+# Measured configs by (M bucket, N, K, group_size, bits) for the Llama-3-8B shapes (16-bit activations),
+# used on CUDA without timing (other keys are tuned on first use). ``benchmarks/check_int4_gemm.py`` prints
+# this table from a ``--retune`` run; these are from one H200 (torch 2.11, triton 3.6, bf16), the second
+# run, except the int4 M=64 rows marked "run 1": the first run's picks (with the two-kernel reduction,
+# as gemm has now) were 2-15 us faster than the second's. Config fields: kind, block_m, block_n, block_k,
+# split_k, num_warps, num_stages.
+TUNED: dict[tuple[int, int, int, int, int], Config] = {
+    (1, 4096, 4096, 128, 4): Config("gemv", 1, 32, 512, 8, 4, 3),
+    (16, 4096, 4096, 128, 4): Config("gemm", 16, 64, 128, 9, 4, 4),
+    (64, 4096, 4096, 128, 4): Config("gemm", 64, 128, 64, 9, 4, 5),  # run 1
+    (256, 4096, 4096, 128, 4): Config("dequant"),
+    (1024, 4096, 4096, 128, 4): Config("dequant"),
+    (4096, 4096, 4096, 128, 4): Config("dequant"),
+    (1, 6144, 4096, 128, 4): Config("gemv", 1, 32, 512, 6, 4, 3),
+    (16, 6144, 4096, 128, 4): Config("gemm", 16, 64, 128, 6, 4, 4),
+    (64, 6144, 4096, 128, 4): Config("gemm", 64, 256, 64, 11, 8, 3),  # run 1
+    (256, 6144, 4096, 128, 4): Config("dequant"),
+    (1024, 6144, 4096, 128, 4): Config("dequant"),
+    (4096, 6144, 4096, 128, 4): Config("dequant"),
+    (1, 28672, 4096, 128, 4): Config("gemv", 1, 64, 256, 3, 4, 3),
+    (16, 28672, 4096, 128, 4): Config("gemm", 16, 128, 64, 3, 4, 5),
+    (64, 28672, 4096, 128, 4): Config("gemm", 64, 256, 64, 2, 8, 3),  # run 1
+    (256, 28672, 4096, 128, 4): Config("dequant"),
+    (1024, 28672, 4096, 128, 4): Config("dequant"),
+    (4096, 28672, 4096, 128, 4): Config("dequant"),
+    (1, 4096, 14336, 128, 4): Config("gemv", 1, 32, 512, 9, 4, 3),
+    (16, 4096, 14336, 128, 4): Config("gemm", 16, 128, 64, 17, 4, 5),
+    (64, 4096, 14336, 128, 4): Config("gemm", 64, 256, 64, 17, 8, 3),  # run 1
+    (256, 4096, 14336, 128, 4): Config("dequant"),
+    (1024, 4096, 14336, 128, 4): Config("dequant"),
+    (4096, 4096, 14336, 128, 4): Config("dequant"),
+    (1, 4096, 4096, 128, 8): Config("gemv", 1, 64, 256, 9, 4, 3),
+    (16, 4096, 4096, 128, 8): Config("gemm", 16, 64, 64, 9, 4, 6),
+    (64, 4096, 4096, 128, 8): Config("gemm", 64, 128, 64, 9, 4, 5),
+    (256, 4096, 4096, 128, 8): Config("dequant"),
+    (1024, 4096, 4096, 128, 8): Config("dequant"),
+    (4096, 4096, 4096, 128, 8): Config("dequant"),
+    (1, 6144, 4096, 128, 8): Config("gemv", 1, 64, 256, 6, 4, 3),
+    (16, 6144, 4096, 128, 8): Config("gemm", 16, 64, 64, 6, 4, 6),
+    (64, 6144, 4096, 128, 8): Config("gemm", 64, 256, 128, 6, 8, 3),
+    (256, 6144, 4096, 128, 8): Config("dequant"),
+    (1024, 6144, 4096, 128, 8): Config("dequant"),
+    (4096, 6144, 4096, 128, 8): Config("dequant"),
+    (1, 28672, 4096, 128, 8): Config("gemv", 1, 64, 256, 1, 4, 1),
+    (16, 28672, 4096, 128, 8): Config("gemm", 16, 128, 64, 2, 4, 5),
+    (64, 28672, 4096, 128, 8): Config("gemm", 64, 128, 64, 1, 4, 5),
+    (256, 28672, 4096, 128, 8): Config("dequant"),
+    (1024, 28672, 4096, 128, 8): Config("dequant"),
+    (4096, 28672, 4096, 128, 8): Config("dequant"),
+    (1, 4096, 14336, 128, 8): Config("gemv", 1, 64, 256, 9, 4, 3),
+    (16, 4096, 14336, 128, 8): Config("gemm", 16, 128, 64, 17, 4, 5),
+    (64, 4096, 14336, 128, 8): Config("gemm", 64, 128, 64, 17, 4, 5),
+    (256, 4096, 14336, 128, 8): Config("dequant"),
+    (1024, 4096, 14336, 128, 8): Config("dequant"),
+    (4096, 4096, 14336, 128, 8): Config("dequant"),
+}
 
 _TUNED: dict[tuple, Config] = {}
 
@@ -386,6 +548,10 @@ def choose_config(x, qweight, scales, zeros, group_size, bits) -> Config:
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
+    if x.device.type == "cuda" and x.dtype != torch.float32:
+        cfg = TUNED.get((key[0], n, k, group_size, bits))
+        if cfg is not None:
+            return cfg
     if x.device.type != "cuda" or not _tuning_enabled() or _capturing(x.device):
         return heuristic_config(m, n, k, group_size, x.device)
     probe = x if m == key[0] else torch.randn((key[0], k), dtype=x.dtype, device=x.device)

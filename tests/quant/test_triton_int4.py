@@ -12,6 +12,7 @@ elementwise bound so that a single unwritten or misplaced tile fails.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -118,6 +119,73 @@ PATHS = [
 )
 def test_paths(m, config, bits, dtype):
     run_case(m, 72, 256, 32, bits, dtype, config=config, seed=3)
+
+
+@pytest.mark.parametrize(
+    "serial", [True, False], ids=["in-kernel-reduce", "two-kernel-reduce"]
+)
+@pytest.mark.parametrize(
+    "m,config",
+    [
+        # 4 groups of 32 per K step (scales per packed row); 2 groups a step, one step a program;
+        # uneven: 8 steps over 4 programs of 2; a gemm tile
+        (1, Config("gemv", 1, 32, 128, split_k=2)),
+        (1, Config("gemv", 1, 64, 64, split_k=4)),
+        (1, Config("gemv", 1, 16, 32, split_k=5)),
+        (7, Config("gemm", 16, 32, 32, split_k=4)),
+    ],
+    ids=["gemv-multigroup-s2", "gemv-multigroup-s4", "gemv-s5", "gemm-s4"],
+)
+def test_split_reduction(m, config, serial, monkeypatch):
+    """Split-K partial sums added in the kernel (arrival counters) or by the second kernel; the counters
+    are left at zero, and a second call (reusing them) gives the identical result."""
+    monkeypatch.setattr(triton_int4, "SERIAL_REDUCE", {"gemv": serial, "gemm": serial})
+    qweight, scales, zeros, w_t = make_layer(72, 256, 32, 4, torch.float32, seed=11)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(12))
+    args = [t.to(DEVICE) for t in (x, qweight, scales, zeros)]
+    out = triton_int4.int4_matmul(*args, 32, 4, config=config)
+    check(out, x, w_t, torch.float32)
+    again = triton_int4.int4_matmul(*args, 32, 4, config=config)
+    assert torch.equal(out, again)
+    counters = triton_int4._COUNTERS.get(torch.device(DEVICE))
+    if serial:
+        assert counters is not None and int(counters.abs().sum()) == 0
+
+
+def test_tuned_table_configs_run():
+    """Every measured config in TUNED fits its key and runs correctly (on a small shape: same kernels, same
+    constexprs, with split-K and group crossing as the table has them)."""
+    seen = set()
+    for (m, n, k, group, bits), cfg in triton_int4.TUNED.items():
+        assert m == triton_int4.m_bucket(m) and k % group == 0 and n > 0
+        assert (cfg.kind == "gemv") == (m == 1) and cfg.split_k >= 1
+        if cfg.kind == "gemm":
+            assert cfg.block_m >= min(m, 64) or m > 64
+        if cfg.kind != "dequant" and (cfg, bits) not in seen:
+            seen.add((cfg, bits))
+            small = dataclasses.replace(
+                cfg, block_m=min(cfg.block_m, 16), block_n=min(cfg.block_n, 32)
+            )
+            run_case(
+                min(m, 3),
+                40,
+                1024,
+                128,
+                bits,
+                torch.float32,
+                config=small,
+                seed=m + bits,
+            )
+
+
+def test_block_k_steps():
+    assert triton_int4._block_k(128, 64) == 64
+    assert triton_int4._block_k(128, 256) == 128  # gemm: never more than a group
+    assert triton_int4._block_k(128, 512, 4096) == 512  # gemv: several whole groups
+    assert triton_int4._block_k(128, 512, 14336) == 512
+    assert triton_int4._block_k(128, 512, 128 * 6) == 256  # must divide K
+    # a group that is not a power of two: a power-of-two divisor of it
+    assert triton_int4._block_k(96, 512, 96 * 8) == 32
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
