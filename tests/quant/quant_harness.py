@@ -8,8 +8,6 @@ with the same logprobs, in fp32.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -19,17 +17,6 @@ import framework
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "Hello", "1 2 3 4 5 6 7 8"]
 TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
-
-
-def load_sibling(name: str):
-    """Import tests/quant/<name>.py (pytest's importlib mode puts no test directory on sys.path)."""
-    key = f"tests_quant_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 def build_engine(model_dir: Path, **overrides):

@@ -1,26 +1,20 @@
 """GPTQ checkpoints (written by an independent packer) load and match the dequantized fp32 reference."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+import quant_harness as harness  # tests/quant/conftest.py puts this directory on sys.path
+import reference_formats as ref
 import torch
 import torch.nn.functional as F
 
-from framework.layers import LayerContext, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from framework.layers import (
+    LayerContext,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from framework.testing import make_tiny_model
 from plugins.quant.gptq import GPTQConfig
-
-_spec = importlib.util.spec_from_file_location(
-    "tests_quant_quant_harness", Path(__file__).with_name("quant_harness.py")
-)
-harness = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
-if not hasattr(harness, "load_sibling"):
-    _spec.loader.exec_module(harness)
-ref = harness.load_sibling("reference_formats")
-
 
 # -- one layer: every bits / group size / sym / act-order combination -------------------------------
 

@@ -1,24 +1,14 @@
 """SqueezeLLM dense checkpoints (written by an independent packer) load and match the dequantized fp32 reference."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+import quant_harness as harness  # tests/quant/conftest.py puts this directory on sys.path
+import reference_formats as ref
 import torch
 import torch.nn.functional as F
 
 from framework.layers import LayerContext, QKVParallelLinear, RowParallelLinear
 from framework.testing import make_tiny_model
 from plugins.quant.squeezellm import SqueezeLLMConfig
-
-_spec = importlib.util.spec_from_file_location(
-    "tests_quant_quant_harness", Path(__file__).with_name("quant_harness.py")
-)
-harness = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
-if not hasattr(harness, "load_sibling"):
-    _spec.loader.exec_module(harness)
-ref = harness.load_sibling("reference_formats")
 
 
 def _load(layer, tensors, shard_id=None):
