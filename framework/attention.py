@@ -75,6 +75,13 @@ class AttentionBackend:
     # the host arrays' contents other than ``max_seq_len`` as an upper bound).
     # Padded rows (``slot_mapping`` -1, ``seq_lens`` 0) must be skipped.
     supports_cuda_graphs: ClassVar[bool] = False
+    # True when ``forward`` accepts the keywords ``rotary`` (the model's
+    # ``framework.layers.RotaryEmbedding``) and ``positions`` ([num_tokens]
+    # int64): ``framework.layers.Attention`` then hands q and k un-rotated and
+    # the backend applies ``rotary(positions, q, k)`` itself (e.g. fused into
+    # its KV-cache write), with results equal to the layer's own rotation.
+    # Backends without it are never passed the keywords.
+    fuses_rotary: ClassVar[bool] = False
 
     @classmethod
     def supports(

@@ -77,19 +77,41 @@ class Attention(nn.Module):
         with torch.no_grad():
             buffer.copy_(torch.as_tensor(value, dtype=torch.float32).reshape(()))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``q [T, Hq*D]``, ``k, v [T, Hk*D]`` -> ``[T, Hq*D]``."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        rotary: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """``q [T, Hq*D]``, ``k, v [T, Hk*D]`` -> ``[T, Hq*D]``.
+
+        With ``rotary`` (a ``RotaryEmbedding``) and ``positions [T]``, q and k
+        come un-rotated: a backend with ``fuses_rotary`` rotates them in its
+        own kernels, otherwise the layer applies ``rotary(positions, q, k)``
+        first (the same values either way).
+        """
+        cache = self.kv_cache
+        fp8 = cache is not None and cache.dtype in _FP8_DTYPES
+        kwargs = {}
+        if rotary is not None:
+            if positions is None:
+                raise ValueError(f"{self.layer_name or 'Attention'}: rotary needs positions")
+            # The first-step kv-scale calibration measures rotated keys, so it rotates here.
+            if getattr(self.impl, "fuses_rotary", False) and not (fp8 and self.calculate_kv_scales and not _capturing()):
+                kwargs = {"rotary": rotary, "positions": positions}
+            else:
+                q, k = rotary(positions, q, k)
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        cache = self.kv_cache
-        kwargs = {}
-        if cache is not None and cache.dtype in _FP8_DTYPES:
+        if fp8:
             # Only fp8-capable backends see the keywords (supports() accepted the dtype).
             if self.calculate_kv_scales and not _capturing():
                 self._calculate_scales(k, v, cache.dtype)
-            kwargs = {"k_scale": self.k_scale, "v_scale": self.v_scale}
+            kwargs.update(k_scale=self.k_scale, v_scale=self.v_scale)
         out = self.impl.forward(q, k, v, cache, get_forward_context().attn_metadata, **kwargs)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 

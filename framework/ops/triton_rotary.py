@@ -23,6 +23,39 @@ import triton.language as tl
 
 
 @triton.jit
+def rotate_head_halves(
+    src,  # this token's first element (row of [T, H*D]); heads HEAD_DIM apart
+    cos,  # [1, BLOCK_HALF] float32, already rounded to the dtype
+    sin,
+    num_heads,
+    dtype: tl.constexpr,  # the activation dtype: every product and sum rounds to it
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,  # rotary_dim // 2
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """The rotated halves ``[BLOCK_H, BLOCK_HALF]`` of every head (in ``dtype``), their offsets and mask.
+
+    Shared with ``plugins.kernels.triton_cache_write`` (rotary fused into the
+    KV-cache write), so both round alike. Callers launch with
+    ``enable_fp_fusion=False``.
+    """
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_r = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (offs_h < num_heads) & (offs_r < HALF)
+    first = offs_h * HEAD_DIM + offs_r
+    x1 = tl.load(src + first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + first + HALF, mask=mask, other=0.0).to(tl.float32)
+    a = (x1 * cos).to(dtype).to(tl.float32)
+    b = (x2 * sin).to(dtype).to(tl.float32)
+    lo = (a - b).to(dtype)
+    a = (x2 * cos).to(dtype).to(tl.float32)
+    b = (x1 * sin).to(dtype).to(tl.float32)
+    hi = (a + b).to(dtype)
+    return lo, hi, offs_h, offs_r, mask
+
+
+@triton.jit
 def _rotate_heads(
     src,  # this token's first element (row of [T, H*D])
     dst,
@@ -35,19 +68,12 @@ def _rotate_heads(
     BLOCK_HALF: tl.constexpr,
     BLOCK_REST: tl.constexpr,  # next power of two >= HEAD_DIM - 2 * HALF (0: nothing passes through)
 ):
-    dtype = dst.dtype.element_ty
-    offs_h = tl.arange(0, BLOCK_H)[:, None]
-    offs_r = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (offs_h < num_heads) & (offs_r < HALF)
+    lo, hi, offs_h, offs_r, mask = rotate_head_halves(
+        src, cos, sin, num_heads, dst.dtype.element_ty, HEAD_DIM, HALF, BLOCK_H, BLOCK_HALF
+    )
     first = offs_h * HEAD_DIM + offs_r
-    x1 = tl.load(src + first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + first + HALF, mask=mask, other=0.0).to(tl.float32)
-    a = (x1 * cos).to(dtype).to(tl.float32)
-    b = (x2 * sin).to(dtype).to(tl.float32)
-    tl.store(dst + first, (a - b).to(dtype), mask=mask)
-    a = (x2 * cos).to(dtype).to(tl.float32)
-    b = (x1 * sin).to(dtype).to(tl.float32)
-    tl.store(dst + first + HALF, (a + b).to(dtype), mask=mask)
+    tl.store(dst + first, lo, mask=mask)
+    tl.store(dst + first + HALF, hi, mask=mask)
     if BLOCK_REST > 0:
         offs_p = tl.arange(0, BLOCK_REST)[None, :]
         mask = (offs_h < num_heads) & (offs_p < HEAD_DIM - 2 * HALF)

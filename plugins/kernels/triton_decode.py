@@ -17,8 +17,16 @@ correct for any length; it only changes how the work is spread).
   normalised partial output and its log-sum-exp (base 2); an empty range
   writes zeros and ``-inf``. With one split it writes the final output
   instead and the reduction is skipped.
-* ``_decode_reduce_kernel``, grid ``(num_seqs, Hq)``: combines the splits,
-  weighting each by ``2 ** (lse_s - max lse)``.
+* The splits of a (sequence, KV head) are combined, weighting each by
+  ``2 ** (lse_s - max lse)``, in the same launch by default: each split
+  program stores its partials, then bumps an int32 counter of its
+  (sequence, KV head) with an acquire-release atomic; the one that sees
+  ``num_splits - 1`` (the last to finish) resets the counter to 0 and reads
+  the partials back to write the output. The counters live in a persistent,
+  zeroed per-device buffer that every launch leaves zeroed, so a CUDA graph
+  replays the launch as is. ``_decode_reduce_kernel``, grid
+  ``(num_seqs, Hq)``, does the same combination as a second launch
+  (``fuse_reduce=False``, or a capture that would need a larger buffer).
 
 FP8 cache (``KV_FP8``): keys and values load as fp8 and convert exactly to
 the query dtype for ``tl.dot``; the scales are applied in float32 where they
@@ -58,6 +66,7 @@ def _decode_split_kernel(
     part_lse_ptr,  # [B, Hq, S] float32 partial log2-sum-exp (else)
     k_scale_ptr,  # [] float32 fp8 key scale (read only when KV_FP8)
     v_scale_ptr,  # [] float32 fp8 value scale (read only when KV_FP8)
+    counters_ptr,  # [>= B * Hk] int32, all 0 (FUSED_REDUCE): splits finished per (seq, kv head)
     scale_log2,  # softmax scale * log2(e)
     num_splits,
     stride_qb, stride_qh,
@@ -73,6 +82,9 @@ def _decode_split_kernel(
     NUM_SPLITS_IS_ONE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else "tf32" (unused by 16-bit dots)
     KV_FP8: tl.constexpr,  # the cache holds fp8 values x / scale
+    FUSED_REDUCE: tl.constexpr,  # the last split of a (seq, kv head) to finish combines them
+    BLOCK_GR: tl.constexpr,  # next power of two >= GROUP (the fused reduction's head rows)
+    BLOCK_S: tl.constexpr,  # next power of two >= num_splits (FUSED_REDUCE)
 ):
 # fmt: on
     seq = tl.program_id(0)
@@ -138,6 +150,33 @@ def _decode_split_kernel(
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=g_mask)
+        if FUSED_REDUCE:
+            # Publish this split's partials (every thread's stores, then one release), count it;
+            # the program that counts last acquires the others' and writes the output.
+            tl.debug_barrier()
+            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                # All partials in one load each (as _decode_reduce_kernel), not one split at a time:
+                # this tail is on the launch's critical path.
+                offs_r = tl.arange(0, BLOCK_GR)
+                offs_s = tl.arange(0, BLOCK_S)
+                r_heads = kv_head * GROUP + offs_r
+                r_rows = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + r_heads)[:, None] * num_splits + offs_s[None, :]
+                r_mask = (offs_r < GROUP)[:, None] & (offs_s < num_splits)[None, :]  # [BLOCK_GR, BLOCK_S]
+                r_lse = tl.load(part_lse_ptr + r_rows, mask=r_mask, other=float("-inf"), cache_modifier=".cg")
+                r_max = tl.max(r_lse, 1)
+                r_ref = tl.where(r_max > float("-inf"), r_max, 0.0)  # a padded row: every split empty
+                r_w = tl.where(r_lse > float("-inf"), tl.exp2(r_lse - r_ref[:, None]), 0.0)
+                r_total = tl.sum(r_w, 1)
+                r_parts = tl.load(
+                    part_out_ptr + r_rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=r_mask[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=".cg",
+                )
+                r_out = tl.sum(r_w[:, :, None] * r_parts, 1) / tl.where(r_total > 0.0, r_total, 1.0)[:, None]
+                r_dst = out_ptr + seq.to(tl.int64) * stride_ob + r_heads[:, None] * stride_oh + offs_d[None, :]
+                tl.store(r_dst, r_out.to(out_ptr.dtype.element_ty), mask=(offs_r < GROUP)[:, None] & d_mask[None, :])
 
 
 # fmt: off
@@ -173,6 +212,26 @@ def _decode_reduce_kernel(
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MIN_COUNTERS = 4096
+_MAX_FUSED_REDUCE_ELEMENTS = 16384  # GROUP x splits x head_dim (padded) of the in-launch reduction
+
+
+def _counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The device's zeroed int32 split counters (persistent: every launch leaves them 0).
+
+    Grown outside CUDA-graph capture only (a buffer allocated during capture
+    would be the graph's); a capture that needs more gets None (two launches).
+    """
+    buffer = _COUNTERS.get(device)
+    if buffer is None or buffer.numel() < needed:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buffer = torch.zeros(max(_MIN_COUNTERS, needed), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buffer
+    return buffer
+
+
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Splits per sequence (a power of two, host arithmetic only).
 
@@ -204,10 +263,13 @@ def decode_attention(
     block_n: int | None = None,
     k_scale: torch.Tensor | None = None,  # [] float32, fp8 caches only (None: 1.0)
     v_scale: torch.Tensor | None = None,
+    fuse_reduce: bool = True,
 ) -> None:
     """Attention of one query token per sequence over its paged keys; writes ``out``.
 
     An fp8 cache is read as ``stored * k_scale`` / ``stored * v_scale``.
+    With ``fuse_reduce`` (and ``num_splits > 1``) the splits are combined in
+    the same launch (see the module docstring); otherwise by a second one.
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[1]
@@ -221,6 +283,11 @@ def decode_attention(
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
+    block_gr, block_s = triton.next_power_of_2(group), triton.next_power_of_2(num_splits)
+    # the reduction holds [GROUP, splits, D] float32 partials in registers: only while that is small
+    fuse_reduce = fuse_reduce and num_splits > 1 and block_gr * block_s * block_d <= _MAX_FUSED_REDUCE_ELEMENTS
+    counters = _counters(q.device, num_seqs * num_kv_heads) if fuse_reduce else None
+    fused_reduce = counters is not None
     kv_fp8 = key_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
     if kv_fp8 and (k_scale is None or v_scale is None):
         one = torch.ones((), dtype=torch.float32, device=q.device)
@@ -228,6 +295,7 @@ def decode_attention(
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, key_cache, value_cache, block_tables, seq_lens, out, part_out, part_lse,
         k_scale if kv_fp8 else seq_lens, v_scale if kv_fp8 else seq_lens,
+        counters if fused_reduce else seq_lens,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1),
@@ -242,10 +310,13 @@ def decode_attention(
         NUM_SPLITS_IS_ONE=num_splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=kv_fp8,
+        FUSED_REDUCE=fused_reduce,
+        BLOCK_GR=block_gr,
+        BLOCK_S=block_s,
         num_warps=4,
         num_stages=2,
     )  # fmt: skip
-    if num_splits > 1:
+    if num_splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, num_splits,
             out.stride(0), out.stride(1),

@@ -6,7 +6,9 @@ num_kv_heads, head_dim)``, so either backend reads a cache the other wrote.
 One step (``forward``), three kinds of launch, all shaped by host ints:
 
 1. ``triton_cache_write``: the new K/V of every token go to ``slot_mapping``
-   (one program per token; negative slots are padding and skipped);
+   (one program per token; negative slots are padding and skipped); when the
+   layer hands over the rotary embedding (``fuses_rotary``), the same launch
+   rotates q and k first;
 2. ``triton_decode``: the first ``num_decodes`` sequences (one new token
    each), split-K over the keys when the batch alone does not fill the GPU;
 3. ``triton_prefill``: the remaining sequences, packed without padding, each
@@ -35,10 +37,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from framework.attention import AttentionBackend, BatchInputs
+
+if TYPE_CHECKING:
+    from framework.layers.rotary import RotaryEmbedding
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -88,6 +94,7 @@ class TritonPagedAttention(AttentionBackend):
     name = "triton"
     priority = 10
     supports_cuda_graphs = True  # see the module docstring: shapes come from host ints; padding is skipped
+    fuses_rotary = True  # the cache-write kernel rotates q and k (triton_cache_write.rotary_write_kv_cache)
 
     @classmethod
     def supports(
@@ -158,6 +165,8 @@ class TritonPagedAttention(AttentionBackend):
         metadata: TritonPagedMetadata | None,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
+        rotary: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if kv_cache is None:  # memory-profiling run: no cache, no metadata
             return torch.empty_like(q)
@@ -168,7 +177,17 @@ class TritonPagedAttention(AttentionBackend):
         # Flat [slots, Hk, D] views share storage with kv_cache.
         key_cache = kv_cache[0].flatten(0, 1)
         value_cache = kv_cache[1].flatten(0, 1)
-        triton_cache_write.write_kv_cache(k[:n], v[:n], key_cache, value_cache, md.slot_mapping, k_scale, v_scale)
+        if rotary is not None and triton_cache_write.rotary_supported(q, k, rotary.cos_sin_cache):
+            q = triton_cache_write.rotary_write_kv_cache(
+                positions[:n], q, k, v, key_cache, value_cache, md.slot_mapping,
+                rotary.cos_sin_cache, rotary.rotary_dim, k_scale, v_scale,
+            )  # fmt: skip
+        else:
+            if rotary is not None:  # layouts the fused kernel does not take: rotate, then write
+                num_q, num_k = q.shape[:2], k.shape[:2]
+                q, k = rotary(positions, q.flatten(1), k.flatten(1))
+                q, k = q.view(*num_q, -1), k.view(*num_k, -1)
+            triton_cache_write.write_kv_cache(k[:n], v[:n], key_cache, value_cache, md.slot_mapping, k_scale, v_scale)
 
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if q.shape[0] > n:  # padded rows (e.g. a CUDA-graph bucket): defined, unused

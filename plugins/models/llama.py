@@ -112,8 +112,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        # The attention layer rotates q and k (or its backend does, fused into the KV-cache write).
+        return self.o_proj(self.attn(q, k, v, positions=positions, rotary=self.rotary_emb))
 
 
 class LlamaMLP(nn.Module):
