@@ -79,6 +79,8 @@ def _gemv_kernel(
     w_ptr,  # [N, K] weight, unit last stride
     b_ptr,  # [N] bias (read only if HAS_BIAS)
     out_ptr,  # [M, N] output in x dtype (row stride stride_om), or fp32 [S, M, N] partial sums (SPLIT)
+    final_ptr,  # [M, N] output (row stride stride_om) that the last split program writes (SERIAL)
+    cnt_ptr,  # int32 [>= cdiv(N, BLOCK_N)] zeroed arrival counters, one per output tile (SERIAL)
     M, N, K,
     stride_xm, stride_wn, stride_om,
     k_per_split,  # K elements per program along grid axis 1 (a multiple of BLOCK_K)
@@ -87,6 +89,7 @@ def _gemv_kernel(
     DOT: tl.constexpr, IEEE: tl.constexpr,  # tensor-core inner loop; full-precision fp32 dot
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks along K
+    SERIAL: tl.constexpr = False,  # SPLIT: the last program of a tile adds the partials (no second launch)
 ):
 # fmt: on
     pid_n = tl.program_id(0)
@@ -140,6 +143,19 @@ def _gemv_kernel(
     mask = (om < M) & (on < N)
     if SPLIT:
         tl.store(out_ptr + (pid_k * M + om) * N + on, y, mask=mask)
+        if SERIAL:
+            # The last of the tile's programs to arrive (counter bumped after a CTA barrier, acquire-release)
+            # adds the partials in split order, so the sum is deterministic, and puts the counter back to 0.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == tl.num_programs(1) - 1:
+                tot = tl.zeros_like(y)
+                for s in range(tl.num_programs(1)):
+                    tot += tl.load(out_ptr + (s * M + om) * N + on, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    tot += tl.load(b_ptr + on, mask=on < N, other=0.0).to(tl.float32)
+                tl.store(final_ptr + om * stride_om + on, tot.to(final_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
     else:
         if HAS_BIAS:
             y += tl.load(b_ptr + on, mask=on < N, other=0.0).to(tl.float32)
@@ -286,6 +302,24 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: 
         raise ValueError(f"bias must be {x.dtype} [{weight.shape[0]}]; got {bias.dtype} {tuple(bias.shape)}")
 
 
+# Split-K partial sums are added by the last program of each output tile (SERIAL_REDUCE; False or
+# FRAMEWORK_GEMV_SERIAL_REDUCE=0: by _sum_splits_kernel, a second launch). Its arrival counters, one zeroed
+# int32 per tile and device, are put back to zero by that program, so launches sharing them must run one
+# after another on one stream (the engine's do). They are allocated outside CUDA-graph capture only; a
+# capture before any eager split launch takes the two-kernel path.
+SERIAL_REDUCE = os.environ.get("FRAMEWORK_GEMV_SERIAL_REDUCE", "1") != "0"
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MAX_TILES = 1 << 16
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    cnt = _COUNTERS.get(device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if cnt is None and tiles <= _MAX_TILES and not capturing:
+        cnt = _COUNTERS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+    return cnt if cnt is not None and tiles <= cnt.numel() else None
+
+
 def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None) -> torch.Tensor:
     m, n = x.shape[0], weight.shape[0]
     if out is None:
@@ -305,15 +339,18 @@ def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None) -> 
     splits = triton.cdiv(k, per)
     target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
     block_m = 16 if cfg.dot else triton.next_power_of_2(m)
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
-        x, weight, bias if bias is not None else x, target,
+    tiles = triton.cdiv(n, cfg.block_n)
+    counters = _counters(x.device, tiles) if splits > 1 and SERIAL_REDUCE else None
+    _gemv_kernel[(tiles, splits)](
+        x, weight, bias if bias is not None else x, target, out, counters if counters is not None else out,
         m, n, k, x.stride(0), weight.stride(0), out.stride(0), per,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT=cfg.dot, IEEE=x.dtype == torch.float32,
         SPLIT=splits > 1, HAS_BIAS=bias is not None, SILU=silu, EVEN_K=k % cfg.block_k == 0,
+        SERIAL=counters is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and counters is None:
         block = 1024
         _sum_splits_kernel[(m, triton.cdiv(n, block))](
             target, bias if bias is not None else target, out, m, n, splits, out.stride(0),

@@ -91,6 +91,24 @@ def test_gemv(m, n, k, config, dtype, with_bias):
     check(out, x, w, b, dtype)
 
 
+@pytest.mark.parametrize("silu", [False, True], ids=["gemv", "silu"])
+@pytest.mark.parametrize("m,n,k,config", [(1, 33, 200, FMA_SPLIT), (3, 70, 100, DOT_SPLIT)])
+def test_split_reduction_in_kernel_equals_second_launch(m, n, k, config, silu, monkeypatch):
+    """The last program of a tile adds the partials in split order: bitwise what the second kernel gives;
+    the arrival counters are left at zero, so the next launch (or a CUDA-graph replay) starts clean."""
+    x = rand(m, 2 * k if silu else k, dtype=torch.float32, seed=3)
+    w = rand(n, k, dtype=torch.float32, seed=4)
+    b = rand(n, dtype=torch.float32, seed=5)
+    run = triton_gemv.gemv_silu_mul if silu else triton_gemv.gemv
+    outs = []
+    for serial in (False, True, True):
+        monkeypatch.setattr(triton_gemv, "SERIAL_REDUCE", serial)
+        outs.append(run(x, w, b, out=poisoned(m, n, torch.float32), config=config))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    counters = triton_gemv._COUNTERS[x.device]
+    assert int(counters.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_gemv_strided(dtype):
     """Rows of x and of the output taken from wider tensors (their row strides are passed to the kernel)."""
