@@ -8,7 +8,14 @@ For each shape (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down
    Frobenius error < 8e-3, every element within 4 bf16 ulps of ``|x| @ |W|^T``,
    the output NaN-poisoned first) and timed, as is ``F.linear``;
 2. the fused MLP tail ``gemv_silu_mul(gate_up, W_down)`` against
-   ``silu_and_mul`` (the Triton op) followed by ``F.linear`` or the best GEMV.
+   ``silu_and_mul`` (the Triton op) followed by ``F.linear`` or the best GEMV;
+3. the fused norm ``gemv_rmsnorm(x, residual, w_norm, eps, W)`` at the
+   decoder layer's two norm + projection pairs (input_layernorm + qkv,
+   post_attention_layernorm + gate_up; M in --norm-ms, default 1) against
+   ``triton_rmsnorm.rms_norm`` followed by ``gemv`` (the layers' configs):
+   the new residual must equal the unfused one bit for bit and the output
+   meet the bounds above; the default config and a sweep are timed, and a
+   ``NORM_TUNED`` table printed. ``--norm-only`` runs this section alone.
 
 Timing: CUDA graphs (as the engine's decode step runs), each replay running
 the op over enough copies of the weight (>= 3x L2, rotated) that no read is
@@ -18,7 +25,7 @@ written). Last: a table, the per-token sum over 32 layers + lm_head for
 F.linear and for the best GEMV (against the copy floor), a ``TUNED`` table to
 paste into framework/ops/triton_gemv.py, and one JSON line.
 
-    python benchmarks/check_gemv.py [--ms 1,2,4,8] [--reps 15] [--out DIR]
+    python benchmarks/check_gemv.py [--ms 1,2,4,8] [--reps 15] [--norm-ms 1] [--norm-only] [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as a script
-from framework.ops import triton_activation, triton_gemv  # noqa: E402
+from framework.ops import triton_activation, triton_gemv, triton_rmsnorm  # noqa: E402
 
 Config = triton_gemv.Config
 HIDDEN, INTER, VOCAB, LAYERS = 4096, 14336, 128256, 32
@@ -196,6 +203,81 @@ def sweep_silu_mul(ms, sms, l2, reps, best_down, rows, failures):
     del ws
 
 
+NORM_SHAPES = {"input_layernorm+qkv": "qkv", "post_attention_layernorm+gate_up": "gate_up"}
+EPS = 1e-5
+
+
+def sweep_norm(ms, sms, l2, reps, rows, failures):
+    """RMSNorm (+ residual add) then the projection: triton_rmsnorm + gemv against gemv_rmsnorm."""
+    for pair, shape in NORM_SHAPES.items():
+        n, k, _ = SHAPES[shape]
+        ws = weights_for(n, k, l2)
+        w0 = ws[0].float()
+        nw = torch.rand(k, device=DEVICE).add_(0.5).to(DTYPE)
+        for m in ms:
+            x, res = torch.randn(m, k, device=DEVICE, dtype=DTYPE), torch.randn(m, k, device=DEVICE, dtype=DTYPE)
+            normed, summed = triton_rmsnorm.rms_norm(x, nw, EPS, res)
+            if not torch.equal(summed, x + res):
+                failures.append(f"{pair} m={m}: triton_rmsnorm's residual is not x + residual")
+            ref, scale = normed.float() @ w0.T, normed.float().abs() @ w0.abs().T
+            unfused = triton_gemv.gemv(normed, ws[0])
+
+            def unfused_step(w, x=x, res=res):
+                return triton_gemv.gemv(triton_rmsnorm.rms_norm(x, nw, EPS, res)[0], w)
+
+            row = {"pair": pair, "m": m, "n": n, "k": k, "configs": {}}
+            row["unfused_us"] = graph_time_us([lambda w=w: unfused_step(w) for w in ws], reps)
+            default = triton_gemv.NORM_TUNED.get((m, n, k)) or triton_gemv.choose_config(m, n, k, torch.device(DEVICE))
+            row["default"] = str(default)
+            for cfg in dict.fromkeys([default, *candidates(m, n, k, sms)]):
+                try:
+                    out = torch.full((m, n), float("nan"), device=DEVICE, dtype=DTYPE)
+                    new_res = torch.full((m, k), float("nan"), device=DEVICE, dtype=DTYPE)
+                    out, new_res = triton_gemv.gemv_rmsnorm(
+                        x, res, nw, EPS, ws[0], out=out, config=cfg, residual_out=new_res
+                    )
+                    ok, rel = check(out, ref, scale)
+                    if not ok or not torch.equal(new_res, summed):
+                        failures.append(f"{pair} m={m} {cfg}: rel={rel:.2e}, out of bounds / unwritten, or residual differs")
+                        continue
+                    us = graph_time_us(
+                        [lambda w=w, c=cfg, x=x, r=res: triton_gemv.gemv_rmsnorm(x, r, nw, EPS, w, config=c) for w in ws], reps
+                    )
+                    same = (out == unfused).float().mean().item()  # bitwise-equal fraction vs the unfused output
+                    row["configs"][str(cfg)] = {"us": us, "rel": rel, "equal_to_unfused": same}
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(f"{pair} m={m} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            rows.append(row)
+        del ws
+
+
+def report_norm(rows) -> list:
+    print("\nRMSNorm + projection (bf16): triton_rmsnorm + gemv against gemv_rmsnorm (default config, best of the sweep)")
+    tuned, out = {}, []
+    for r in rows:
+        cfgs = r["configs"]
+        dflt = cfgs.get(r["default"], {}).get("us", float("nan"))
+        name, us = best(cfgs)
+        eq = cfgs.get(name, {}).get("equal_to_unfused", float("nan"))
+        print(
+            f"  {r['pair']:32} M={r['m']}: unfused {r['unfused_us']:.1f} us, fused {dflt:.1f} us ({r['default']}), "
+            f"best {us:.1f} us ({name}; {100 * eq:.1f}% of outputs equal the unfused); "
+            f"per token ({LAYERS} layers) saves {LAYERS * (r['unfused_us'] - min(dflt, us)):.0f} us"
+        )
+        if name:
+            tuned[(r["m"], r["n"], r["k"])] = name if us < r["unfused_us"] else None
+        out.append({k: v for k, v in r.items() if k != "configs"} | {"default_us": dflt, "best": [name, us]})
+    print("NORM_TUNED = {  # paste into framework/ops/triton_gemv.py (bf16; None: norm + GEMV apart are faster)")
+    for (m, n, k), name in sorted(tuned.items()):
+        if name is None:
+            print(f"    ({m}, {n}, {k}): None,")
+            continue
+        c = parse(name)
+        print(f"    ({m}, {n}, {k}): Config({c.dot}, {c.block_n}, {c.block_k}, {c.split}, {c.num_warps}, {c.num_stages}),")
+    print("}")
+    return out
+
+
 def best(configs: dict) -> tuple[str | None, float]:
     if not configs:
         return None, float("inf")
@@ -274,6 +356,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--no-silu", action="store_true")
+    ap.add_argument("--norm-ms", default="1", help="M values of the fused-norm section ('' to skip it)")
+    ap.add_argument("--norm-only", action="store_true", help="only the fused-norm section")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     args = ap.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
@@ -283,7 +367,18 @@ def main() -> int:
     print(f"{props.name}: {sms} SMs, L2 {l2 / 2**20:.0f} MiB, torch {torch.__version__}")
     start = time.perf_counter()
     bw = copy_bandwidth()
-    rows, silu_rows, failures = [], [], []
+    rows, silu_rows, norm_rows, failures = [], [], [], []
+    if args.norm_ms:
+        t0 = time.perf_counter()
+        try:
+            sweep_norm([int(m) for m in args.norm_ms.split(",")], sms, l2, args.reps, norm_rows, failures)
+        except Exception:  # noqa: BLE001
+            failures.append("norm: " + traceback.format_exc().splitlines()[-1])
+        print(f"[norm] {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.norm_only:
+        summary = {"norm": report_norm(norm_rows), "failures": failures, "seconds": time.perf_counter() - start}
+        print(json.dumps(summary, default=str))
+        return 1 if failures and not any(r["configs"] for r in norm_rows) else 0
     for name in args.shapes.split(","):
         n, k, _ = SHAPES[name]
         t0 = time.perf_counter()
@@ -303,10 +398,12 @@ def main() -> int:
             failures.append("silu_mul: " + traceback.format_exc().splitlines()[-1])
         print(f"[silu_mul] {time.perf_counter() - t0:.0f} s", flush=True)
     summary = report(rows, silu_rows, bw, ms, failures)
+    if norm_rows:
+        summary["norm"] = report_norm(norm_rows)
     summary["seconds"] = time.perf_counter() - start
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "check_gemv.json").write_text(json.dumps({"rows": rows, "silu": silu_rows, "failures": failures}, indent=1))
+        (args.out / "check_gemv.json").write_text(json.dumps({"rows": rows, "silu": silu_rows, "norm": norm_rows, "failures": failures}, indent=1))
     print(json.dumps(summary, default=str))
     return 1 if failures and not any(r["configs"] for r in rows) else 0
 

@@ -3,8 +3,9 @@
 ``executor.make_executor`` gives the engine a ``ModelRunner`` (one process)
 or a ``MultiprocExecutor`` (rank 0 in the engine's process, workers in
 others); ``parallel_state`` holds the process groups and collectives;
-``messages`` encodes the driver's per-step messages; ``worker`` is a worker
-rank's loop.
+``messages`` encodes the driver's per-step messages; ``pipelined_step``
+is the driver's submit/collect of a batch with pipeline stages (several in
+flight); ``worker`` is a worker rank's loop.
 """
 
 from framework.distributed.executor import (

@@ -2,7 +2,10 @@
 
 The engine calls four methods: ``kv_block_bytes()``,
 ``profile_peak_memory(tokens, seqs)``, ``init_kv_cache(num_blocks,
-num_cpu_blocks)`` and ``execute(batch) -> StepResult``.
+num_cpu_blocks)`` and ``execute(batch) -> StepResult``. With pipeline stages
+(``pipelined``) it calls ``submit(batch, block_offset, cpu_block_offset)``
+and later ``collect(step) -> StepResult`` instead of ``execute``, keeping up
+to ``pipeline_parallel_size`` batches in flight (``pipelined_step.py``).
 
 * One process (``tensor_parallel_size * pipeline_parallel_size == 1``):
   the ``ModelRunner`` itself.
@@ -54,6 +57,7 @@ from framework.distributed.parallel_state import (
     device_for_rank,
     free_port,
 )
+from framework.distributed.pipelined_step import InFlightStep, finish_step, submit_step
 from framework.distributed.worker import (
     WorkerSpec,
     free_device_memory,
@@ -125,6 +129,9 @@ class MultiprocExecutor:
         self.state: ParallelState | None = None
         self._block_bytes: int | None = None
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+        self.pipelined = pp > 1  # the engine submits batches and collects them later (several in flight)
+        self.num_in_flight = 0  # submitted, not collected
+        self.max_in_flight = 0  # the most at once since start
         rank, local_rank, init_method = _rendezvous(config, launcher, tp * pp)
         layout = RankLayout(rank, tp, pp)
         spec = WorkerSpec(layout, local_rank, device.type, init_method, collective_timeout_s(), config, model_config,
@@ -194,9 +201,37 @@ class MultiprocExecutor:
             self.runner.init_kv_cache(num_blocks)
 
     def execute(self, batch):
+        if self.pipelined:
+            return self.collect(self.submit(batch))
         self._check_alive()
         try:
             return self.runner.execute(batch)
+        except Exception as exc:
+            raise self._step_failed(exc) from exc
+
+    # -- pipelined steps (pipeline_parallel_size > 1) ----------------------------------
+
+    def submit(self, batch, block_offset: int = 0, cpu_block_offset: int = 0) -> InFlightStep:
+        """Start a step on every rank and return without waiting for its logits (``pipelined_step``).
+
+        ``block_offset`` / ``cpu_block_offset``: where the batch's virtual
+        engine's share of the GPU / CPU KV pool starts.
+        """
+        self._check_alive()
+        try:
+            step = submit_step(self.runner, self.state, batch, block_offset, cpu_block_offset)
+        except Exception as exc:
+            raise self._step_failed(exc) from exc
+        self.num_in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.num_in_flight)
+        return step
+
+    def collect(self, step: InFlightStep):
+        """The results of a submitted step (waits for its logits), in submission order."""
+        self._check_alive()
+        self.num_in_flight -= 1
+        try:
+            return finish_step(self.runner, step)
         except Exception as exc:
             raise self._step_failed(exc) from exc
 

@@ -9,8 +9,10 @@ Rank layout (``world = tp * pp``; rank 0 is the driver, the engine's process)::
 Groups (every rank creates every group, in the same order):
 
 * the device group (the default group): NCCL on CUDA, gloo on the CPU,
-  with a bounded timeout; pipeline send/recv between stages and the logits
-  from the last stage to the driver;
+  with a bounded timeout; pipeline send/recv between stages;
+* with pipeline stages, the logits group (same backend): the driver and the
+  last stage's first rank; the logits go to the driver there, tagged by a
+  count both ends keep, so several receives can be posted at once;
 * one tensor-parallel group per stage (same backend): the layers'
   all-reduce and the LM head's all-gather;
 * the message group: gloo over every rank, for the driver's per-step
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 # Bound on one device collective (seconds); FRAMEWORK_DIST_TIMEOUT_S overrides.
 DEFAULT_TIMEOUT_S = 600.0
+LOGITS_TAGS = 1 << 16  # tags of the logits transfers cycle through this many values
 MESSAGE_TIMEOUT = timedelta(days=30)  # workers wait this long for the driver's next message
 
 
@@ -177,7 +180,15 @@ class ParallelState:
             if layout.rank in ranks:
                 self.tp_group = group
         self.pipeline = PipelineStage(layout, device) if layout.pp_size > 1 else None
-        self._header = torch.zeros(0, dtype=torch.int64)
+        # logits: last stage's first rank -> the driver, on their own group so that waiting for them
+        # never holds up the pipeline's activations (NCCL runs one communicator's operations in order)
+        self.logits_src = (layout.pp_size - 1) * layout.tp_size
+        self.logits_group = dist.new_group([0, self.logits_src], backend=self.backend) if layout.pp_size > 1 else None
+        # driver, pipelined steps: a logits receive is posted, not waited for (``take_pending_logits``)
+        self.defer_logits = False
+        self._pending_logits = None
+        self._logits_count = 0  # logits transfers so far, the same on both ends: their tag (never mismatched)
+        self._pending_messages: list = []  # (work, tensors) of asynchronous broadcasts
         logger.info("rank %d of %d (tp %d/%d, pp %d/%d) on %s joined %s",
                     layout.rank, layout.world_size, layout.tp_rank, layout.tp_size,
                     layout.pp_rank, layout.pp_size, device, self.backend)  # fmt: skip
@@ -226,36 +237,63 @@ class ParallelState:
         if layout.pp_size == 1:
             return model.compute_logits(hidden)
         last = layout.pp_size - 1
+        tag = self._logits_count % LOGITS_TAGS
         if layout.pp_rank == last:
             logits = model.compute_logits(hidden)
             if layout.tp_rank == 0:
-                dist.send(logits.contiguous(), dst=0)
+                self._logits_count += 1
+                dist.send(logits.contiguous(), dst=0, group=self.logits_group, tag=tag)
             return logits
         if layout.is_driver:
+            self._logits_count += 1
             logits = torch.empty(hidden.shape[0], vocab_size, dtype=torch.float32, device=self.device)
-            dist.recv(logits, src=last * layout.tp_size)
+            work = dist.irecv(logits, src=self.logits_src, group=self.logits_group, tag=tag)
+            if self.defer_logits:  # filled once the work completes: the caller waits (pipelined steps)
+                self._pending_logits = work
+            else:
+                work.wait()
             return logits
         return None
 
+    def take_pending_logits(self):
+        """Driver: the receive that ``compute_logits`` posted with ``defer_logits`` set (None: none posted)."""
+        work, self._pending_logits = self._pending_logits, None
+        return work
+
     # -- driver -> workers messages (CPU tensors over the message group) ------------
 
-    def publish_step(self, prepared, batch) -> None:
+    def publish_step(self, prepared, batch, wait: bool = True) -> None:
         """Driver: send one step (its ``PreparedBatch``, None when it only moves blocks) to every worker."""
         swap_out, swap_in = (
             getattr(batch, "swap_out", []),
             getattr(batch, "swap_in", []),
         )
-        self.broadcast(*messages.encode_step(prepared, batch.block_copies, swap_out, swap_in))
+        self.broadcast(*messages.encode_step(prepared, batch.block_copies, swap_out, swap_in), wait=wait)
 
-    def broadcast(self, header: np.ndarray, payload: np.ndarray | None = None) -> None:
-        """Driver: send a fixed-size int64 header and then, when it has one, an int64 payload."""
-        dist.broadcast(torch.from_numpy(header), src=0, group=self.message_group)
+    def broadcast(self, header: np.ndarray, payload: np.ndarray | None = None, wait: bool = True) -> None:
+        """Driver: send a fixed-size int64 header and then, when it has one, an int64 payload.
+
+        gloo's broadcast returns only once every worker has received it. With
+        ``wait=False`` it runs in the background instead (pipelined steps: a
+        later stage still busy with the previous batch must not hold up the
+        driver's forward of this one); messages still arrive in order.
+        """
+        tensors = [torch.from_numpy(header)]
         if payload is not None and len(payload):
-            dist.broadcast(
-                torch.from_numpy(np.ascontiguousarray(payload)),
-                src=0,
-                group=self.message_group,
-            )
+            tensors.append(torch.from_numpy(np.ascontiguousarray(payload)))
+        if wait:
+            self.flush_messages()
+        for t in tensors:
+            work = dist.broadcast(t, src=0, group=self.message_group, async_op=not wait)
+            if work is not None:
+                self._pending_messages.append((work, t))  # the tensor lives until the work completes
+        self._pending_messages = [(w, t) for w, t in self._pending_messages if not w.is_completed()]
+
+    def flush_messages(self) -> None:
+        """Driver: wait for the asynchronous broadcasts still under way."""
+        pending, self._pending_messages = self._pending_messages, []
+        for work, _ in pending:
+            work.wait()
 
     def receive_header(self, size: int) -> np.ndarray:
         """Worker: wait for the driver's next header (as long as the engine idles)."""

@@ -353,12 +353,13 @@ class AsyncLLMEngine:
         events += [("output", out.request_id, out) for out in step_outputs]
 
     def _publish(self, events: list, outputs: list[RequestOutput]) -> None:
-        scheduler = self.engine.scheduler
-        running_ids = {getattr(item, "request_id", None) for item in scheduler.running}
+        engine = self.engine  # with pipeline stages: over every virtual engine
+        running = engine.running_groups()
+        running_ids = {getattr(item, "request_id", None) for item in running}
         self._num_queued_seqs = sum(n for rid, n in self._active.items() if rid not in running_ids)
         for observer in self.observers:
             try:
-                observer.observe(outputs, len(scheduler.running), len(scheduler.waiting), self.engine.kv.pool.usage())
+                observer.observe(outputs, len(running), engine.num_waiting_requests(), engine.kv_cache_usage())
             except Exception:  # metrics never stop the engine
                 logger.exception("step observer %r failed", observer)
         self._post(events)

@@ -3,6 +3,12 @@
 A step is three moves: the scheduler picks the batch, the model runner runs
 it, and each request's decoding strategy applies its sampled tokens (through
 the output processor's stop rules).
+
+With pipeline stages, the engine has one virtual engine per stage
+(``virtual_engine.py``) and keeps up to that many batches in flight: a step
+schedules on the next virtual engine, submits the batch to the pipeline and
+applies the results of the oldest batch in flight once the pipeline is full
+(or when there is nothing to submit).
 """
 
 from __future__ import annotations
@@ -10,21 +16,22 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from framework.config import EngineConfig
-from framework.engine.block_pool import KVCacheManager
 from framework.distributed.executor import make_executor
 from framework.engine.output_processor import OutputProcessor
 from framework.engine.request_params import check_params, seed_generators
-from framework.engine.scheduler import Scheduler
+from framework.engine.scheduler import ScheduledBatch
 from framework.engine.sequence_group import SequenceGroup
 from framework.engine.sequence_ops import GroupOps
 from framework.engine.stats import EngineStats
-from framework.engine.step_results import SampledToken
+from framework.engine.step_results import SampledToken, StepResult
+from framework.engine.virtual_engine import VirtualEngine, make_virtual_engines
 from framework.model_config import (
     HFConfig,
     ModelConfig,
@@ -61,10 +68,14 @@ class LLMEngine:
         self.num_blocks = self._num_kv_blocks(free_before)
         self.num_cpu_blocks = self._num_cpu_blocks()
         self.runner.init_kv_cache(self.num_blocks, self.num_cpu_blocks)
-        self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching, self.num_cpu_blocks)
-        self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode
+        # one per pipeline stage, each with its scheduler and its share of the KV pool (virtual_engine.py)
+        self.virtual_engines: list[VirtualEngine] = make_virtual_engines(
+            config.pipeline_parallel_size, self.num_blocks, self.num_cpu_blocks, config
         )
+        # the first virtual engine's (the only one without pipeline stages)
+        self.kv, self.scheduler = self.virtual_engines[0].kv, self.virtual_engines[0].scheduler
+        self._in_flight: deque[tuple[VirtualEngine, ScheduledBatch, object]] = deque()  # oldest first
+        self._num_steps = 0
         self.outputs = OutputProcessor(self.tokenizer, self.model_config.eos_token_ids, self.model_config.max_model_len)
         self._groups: dict[str, SequenceGroup] = {}
         self._request_counter = itertools.count()
@@ -113,13 +124,21 @@ class LLMEngine:
             source = f"gpu_memory_utilization={config.gpu_memory_utilization} (peak {peak / 2**30:.2f} GiB)"
         else:
             budget, source = DEFAULT_CPU_KV_BYTES, "the CPU default KV-cache size"
-        # Never more blocks than max_num_seqs sequences of max_model_len can use.
-        num_blocks = max(0, min(budget // block_bytes, config.max_num_seqs * blocks_per_seq))
+        # Never more blocks than max_num_seqs sequences of max_model_len can use (per virtual engine).
+        pp = config.pipeline_parallel_size
+        num_blocks = max(0, min(budget // block_bytes, pp * config.max_num_seqs * blocks_per_seq))
         capacity = num_blocks * config.block_size
         if capacity < mc.max_model_len:
             raise ValueError(
                 f"max_model_len={mc.max_model_len} is larger than the KV cache can hold: {num_blocks} blocks of "
                 f"{config.block_size} tokens = {capacity} tokens ({block_bytes} bytes per block, from {source}). "
+                f"Raise kv_cache_memory or gpu_memory_utilization, or lower max_model_len."
+            )
+        if pp > 1 and (num_blocks // pp) * config.block_size < mc.max_model_len:
+            raise ValueError(
+                f"max_model_len={mc.max_model_len} is larger than a virtual engine's share of the KV cache: "
+                f"pipeline_parallel_size={pp} splits {num_blocks} blocks into {num_blocks // pp} of "
+                f"{config.block_size} tokens = {num_blocks // pp * config.block_size} tokens each. "
                 f"Raise kv_cache_memory or gpu_memory_utilization, or lower max_model_len."
             )
         logger.info(
@@ -161,7 +180,8 @@ class LLMEngine:
         strategy_cls = check_params(params, self.config, self.model_config, self.registries)
         text, token_ids = self._tokenize(prompt)
         group = SequenceGroup(request_id, text, token_ids, params, arrival_time, seed_generators(params, self.device))
-        ops = GroupOps(group, self.kv, self.outputs, self.model_config.max_model_len)
+        ve = min(self.virtual_engines, key=VirtualEngine.num_unfinished)  # the first of the least busy
+        ops = GroupOps(group, ve.kv, self.outputs, self.model_config.max_model_len)
         group.attach(strategy_cls(params, ops))
         if group.max_width > self.config.max_num_seqs:
             raise ValueError(
@@ -169,7 +189,7 @@ class LLMEngine:
                 f"sequences at once, more than max_num_seqs={self.config.max_num_seqs}"
             )
         self._groups[request_id] = group
-        self.scheduler.add(group)
+        ve.scheduler.add(group)
         return request_id
 
     def _tokenize(self, prompt: PromptInput) -> tuple[Optional[str], list[int]]:
@@ -196,16 +216,32 @@ class LLMEngine:
         """Stop requests now and free their KV blocks; returns their final outputs."""
         ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
         outputs = []
-        for group in self.scheduler.abort(ids):
-            self.outputs.abort(group)
-            outputs.append(self._release(group))
+        for ve in self.virtual_engines:  # a batch in flight keeps going; its results are then ignored
+            for group in ve.scheduler.abort(ids):
+                self.outputs.abort(group)
+                outputs.append(self._release(group))
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests not finished, or batches still in the pipeline (``step`` collects them)."""
+        return bool(self._in_flight) or any(ve.scheduler.has_unfinished() for ve in self.virtual_engines)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running) + len(self.scheduler.swapped)
+        return sum(ve.num_unfinished() for ve in self.virtual_engines)
+
+    def running_groups(self) -> list[SequenceGroup]:
+        """The running requests of every virtual engine."""
+        return [group for ve in self.virtual_engines for group in ve.scheduler.running]
+
+    def num_waiting_requests(self) -> int:
+        return sum(len(ve.scheduler.waiting) for ve in self.virtual_engines)
+
+    def kv_cache_usage(self) -> float:
+        """Fraction of the GPU KV blocks in use, over every virtual engine (0..1)."""
+        if len(self.virtual_engines) == 1:
+            return self.kv.pool.usage()
+        pools = [ve.kv.pool for ve in self.virtual_engines]
+        return 1.0 - sum(p.num_free for p in pools) / sum(p.num_blocks for p in pools)
 
     # -- the step ---------------------------------------------------------------
 
@@ -216,28 +252,79 @@ class LLMEngine:
         generation needs no more, and building an output per running request
         per step is the largest host cost of a large batch).
         """
+        if len(self.virtual_engines) > 1:
+            return self._pipelined_step(final_only)
         batch = self.scheduler.schedule()
-        dropped = [self._drop_unfittable(group) for group in batch.unfittable]
+        dropped = [self._drop_unfittable(self.kv, group) for group in batch.unfittable]
         if not batch.seqs:
             if batch.swap_out:  # a request alone swapped itself out: its blocks still move
                 self.runner.execute(batch)
             return dropped
-        now = time.monotonic()
-        for group in batch.groups:
-            if group.first_scheduled_time is None:
-                group.first_scheduled_time = now
+        _mark_scheduled(batch)
         try:
             result = self.runner.execute(batch)
         except BaseException:
             # The blocks this step was to fill are named in the prefix cache already; their K/V may be garbage.
             self.kv.reset_prefix_cache()
             raise
+        return dropped + self._apply(self.scheduler, batch, result, final_only)
+
+    def _pipelined_step(self, final_only: bool) -> list[RequestOutput]:
+        """Schedule on the next virtual engine and submit; apply the oldest batch once M are in flight."""
+        engines = self.virtual_engines
+        ve = engines[self._num_steps % len(engines)]
+        self._num_steps += 1
+        outputs = []
+        while ve.in_flight:  # only when a virtual engine had nothing to submit: its last batch first
+            outputs += self._collect_oldest(final_only)
+        batch = ve.scheduler.schedule()
+        outputs += [self._drop_unfittable(ve.kv, group) for group in batch.unfittable]
+        if batch.seqs or batch.swap_out:
+            _mark_scheduled(batch)
+            try:
+                step = self.runner.submit(batch, ve.block_offset, ve.cpu_block_offset)
+            except BaseException:
+                self._reset_prefix_caches()
+                raise
+            ve.in_flight = True
+            self._in_flight.append((ve, batch, step))
+            if len(self._in_flight) < len(engines):
+                return outputs
+        if self._in_flight:  # the pipeline is full, or this virtual engine had nothing to run
+            outputs += self._collect_oldest(final_only)
+        return outputs
+
+    def _collect_oldest(self, final_only: bool) -> list[RequestOutput]:
+        ve, batch, step = self._in_flight.popleft()
+        try:
+            result = self.runner.collect(step)
+        except BaseException:
+            self._reset_prefix_caches()
+            raise
+        ve.in_flight = False
+        return self._apply(ve.scheduler, batch, result, final_only, skip_aborted=True)
+
+    def _reset_prefix_caches(self) -> None:
+        for ve in self.virtual_engines:
+            ve.kv.reset_prefix_cache()
+
+    def _apply(self, scheduler, batch: ScheduledBatch, result: StepResult, final_only: bool,
+               skip_aborted: bool = False) -> list[RequestOutput]:  # fmt: skip
+        """Account a step's computed tokens and apply its samples; outputs of the requests that got one.
+
+        ``skip_aborted``: the batch was in flight, so a request may have been
+        aborted since; its results are dropped.
+        """
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+        groups = self._groups
         for group, entries in result.prompt_logprobs:
-            self.outputs.prompt_logprobs(group, entries)
+            if not skip_aborted or groups.get(group.request_id) is group:
+                self.outputs.prompt_logprobs(group, entries)
         outputs, finished = [], []
         for group, samples in _by_request(result.samples):
+            if skip_aborted and groups.get(group.request_id) is not group:
+                continue
             if group.first_token_time is None:
                 group.first_token_time = time.monotonic()
             group.sampled = True
@@ -246,16 +333,16 @@ class LLMEngine:
                 finished.append(group)
             elif not final_only:
                 outputs.append(self.outputs.request_output(group))
-        self.scheduler.finish(finished)
+        scheduler.finish(finished)
         outputs += [self._release(group) for group in finished]
-        return dropped + outputs
+        return outputs
 
-    def _drop_unfittable(self, group: SequenceGroup) -> RequestOutput:
+    def _drop_unfittable(self, kv, group: SequenceGroup) -> RequestOutput:
         """A request the whole KV pool cannot hold (its sequences together): finished where it is, "length"."""
         logger.warning(
             "request %s: its %d sequences need more KV-cache blocks than the pool's %d; finished early "
             "(finish_reason 'length'). Lower n/best_of or max_tokens, or give the cache more memory.",
-            group.request_id, group.num_live_seqs(), self.kv.pool.num_blocks,
+            group.request_id, group.num_live_seqs(), kv.pool.num_blocks,
         )  # fmt: skip
         for seq in group.live_seqs():
             self.outputs.finish(seq, "length", None)
@@ -271,34 +358,43 @@ class LLMEngine:
 
     @property
     def num_preemptions(self) -> int:
-        return self.scheduler.num_preemptions
+        return sum(ve.scheduler.num_preemptions for ve in self.virtual_engines)
 
     # -- stats and admin ---------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        """Requests, KV-cache slots, prefix-cache counters and preemptions, as of now (between steps)."""
-        sched, kv = self.scheduler, self.kv
-        allocated, used = kv.slot_usage(seq for group in sched.running for seq in group.live_seqs())
-        cache = kv.cache
+        """Requests, KV-cache slots, prefix-cache counters and preemptions, as of now (between steps).
+
+        With pipeline stages: sums over the virtual engines (usage over their pools together).
+        """
+        engines = self.virtual_engines
+        kvs, scheds = [ve.kv for ve in engines], [ve.scheduler for ve in engines]
+        allocated = used = 0
+        for kv, sched in zip(kvs, scheds):
+            a, u = kv.slot_usage(seq for group in sched.running for seq in group.live_seqs())
+            allocated, used = allocated + a, used + u
+        caches = [kv.cache for kv in kvs if kv.cache is not None]
+        cpu_pools = [kv.cpu_pool for kv in kvs if kv.cpu_pool is not None]
+        num_cpu_blocks = sum(p.num_blocks for p in cpu_pools)
         return EngineStats(
-            num_running=len(sched.running),
-            num_waiting=len(sched.waiting),
-            kv_cache_usage=kv.pool.usage(),
-            num_blocks=kv.pool.num_blocks,
-            block_size=kv.block_size,
+            num_running=sum(len(s.running) for s in scheds),
+            num_waiting=sum(len(s.waiting) for s in scheds),
+            kv_cache_usage=self.kv_cache_usage(),
+            num_blocks=sum(kv.pool.num_blocks for kv in kvs),
+            block_size=self.kv.block_size,
             allocated_slots=allocated,
             used_slots=used,
-            cached_free_blocks=kv.pool.num_evictable,
-            prefix_cache_queries=cache.queries if cache is not None else 0,
-            prefix_cache_hits=cache.hits if cache is not None else 0,
-            num_preemptions=sched.num_preemptions,
-            num_swapped=len(sched.swapped),
-            num_cpu_blocks=kv.cpu_pool.num_blocks if kv.cpu_pool is not None else 0,
-            cpu_kv_cache_usage=kv.cpu_pool.usage() if kv.cpu_pool is not None else 0.0,
-            num_swap_preemptions=sched.num_swap_preemptions,
-            num_recompute_preemptions=sched.num_recompute_preemptions,
-            swapped_out_blocks=kv.num_swapped_out_blocks,
-            swapped_in_blocks=kv.num_swapped_in_blocks,
+            cached_free_blocks=sum(kv.pool.num_evictable for kv in kvs),
+            prefix_cache_queries=sum(c.queries for c in caches),
+            prefix_cache_hits=sum(c.hits for c in caches),
+            num_preemptions=sum(s.num_preemptions for s in scheds),
+            num_swapped=sum(len(s.swapped) for s in scheds),
+            num_cpu_blocks=num_cpu_blocks,
+            cpu_kv_cache_usage=1.0 - sum(p.num_free for p in cpu_pools) / num_cpu_blocks if num_cpu_blocks else 0.0,
+            num_swap_preemptions=sum(s.num_swap_preemptions for s in scheds),
+            num_recompute_preemptions=sum(s.num_recompute_preemptions for s in scheds),
+            swapped_out_blocks=sum(kv.num_swapped_out_blocks for kv in kvs),
+            swapped_in_blocks=sum(kv.num_swapped_in_blocks for kv in kvs),
         )
 
     def reset_prefix_cache(self) -> bool:
@@ -307,7 +403,7 @@ class LLMEngine:
         Requests in flight keep their blocks; later requests find nothing
         cached from before the reset. The counters are not reset.
         """
-        dropped = self.kv.reset_prefix_cache()
+        dropped = sum(ve.kv.reset_prefix_cache() for ve in self.virtual_engines)
         if self.kv.caching:
             logger.info("prefix cache reset: %d cached blocks forgotten", dropped)
         return True
@@ -324,6 +420,13 @@ class LLMEngine:
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()
+
+
+def _mark_scheduled(batch: ScheduledBatch) -> None:
+    now = time.monotonic()
+    for group in batch.groups:
+        if group.first_scheduled_time is None:
+            group.first_scheduled_time = now
 
 
 def _by_request(samples: list[SampledToken]) -> list[tuple[SequenceGroup, list[SampledToken]]]:

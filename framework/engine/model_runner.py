@@ -266,7 +266,13 @@ class ModelRunner:
         self._copy_blocks(batch.block_copies)
         if prepared is None:
             return StepResult()
-        logits = self._logits(prepared)
+        return self.results(prepared, self._logits(prepared))
+
+    @torch.inference_mode()
+    def results(self, prepared: PreparedBatch, logits: torch.Tensor | None) -> StepResult:
+        """Sample a step's logits (sampled rows first, then prompt-logprob rows) and bring the results to
+        the host in one copy. The pipelined driver calls it when a step's logits come back from the last
+        pipeline stage."""
         if logits is None:
             return StepResult()
         prompt = prepared.prompt_logprobs

@@ -61,5 +61,33 @@ class RMSNorm(nn.Module):
         summed = x + residual
         return self._norm(summed), summed
 
+    def then_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, linear: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``linear(norm(x + residual))`` and the new residual stream ``x + residual`` (``x`` when
+        ``residual`` is None): a decoder layer's norm and the projection after it.
+
+        For a few rows on CUDA, with ``linear`` unquantized on one rank and the Triton GEMV on, one kernel
+        computes both: the norm runs in the GEMV's load prologue
+        (``framework.ops.triton_gemv.gemv_rmsnorm``; ``FRAMEWORK_TRITON_GEMV_NORM=0``: off).
+        """
+        if x.shape[:-1].numel() <= 8 and ops.use_triton(x) and getattr(linear, "tp_size", None) == 1:
+            from framework.layers.linear import UnquantizedLinearMethod
+            from framework.ops import triton_gemv, triton_rmsnorm
+
+            if (
+                type(linear.linear_method) is UnquantizedLinearMethod
+                and triton_rmsnorm.supported(x, self.weight, residual)
+                and triton_gemv.applies(x, linear.weight, linear.bias, norm=True)
+            ):
+                rows = x.reshape(-1, x.shape[-1])
+                res = residual.reshape(rows.shape) if residual is not None else None
+                out, summed = triton_gemv.gemv_rmsnorm(rows, res, self.weight, self.eps, linear.weight, linear.bias)
+                return out.view(*x.shape[:-1], out.shape[-1]), summed.view(x.shape)
+        if residual is None:
+            return linear(self(x)), x
+        normed, summed = self(x, residual)
+        return linear(normed), summed
+
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"

@@ -27,11 +27,20 @@ output rounded once, as cuBLAS does for ``F.linear``. ``gemv_silu_mul`` computes
 ``down(silu(gate) * up)`` from ``gate_up [M, 2I]`` with the SiLU-and-mul in the
 load prologue, rounded where ``SiluAndMul`` rounds (silu in fp32 cast to the
 dtype, the product in fp32 cast again), so it equals ``SiluAndMul`` followed by
-``gemv`` up to the summation order.
+``gemv`` up to the summation order. ``gemv_rmsnorm`` computes
+``linear(RMSNorm(x + residual))`` and ``x + residual`` (the decoder layer's
+norm before qkv and gate_up): each program first walks its rows once to get
+their mean squares, then applies the norm in the load prologue, rounded where
+``RMSNorm`` rounds, so it equals ``RMSNorm`` followed by ``gemv`` up to the
+summation orders (of the mean square too: a normalised element may round one
+ulp apart), and the new residual bit for bit.
 
 ``FRAMEWORK_TRITON_GEMV=0`` in the environment (or ``set_enabled(False)``)
 sends the layers back to ``F.linear`` for A/B measurement;
 ``FRAMEWORK_TRITON_GEMV_SILU=0`` keeps the GEMV but not the fused MLP tail.
+The fused RMSNorm prologue is opt-in (``FRAMEWORK_TRITON_GEMV_NORM=1``) until
+it has been compiled and timed on a GPU (``benchmarks/check_gemv.py
+--norm-only``); it is tested under the Triton interpreter.
 """
 
 from __future__ import annotations
@@ -49,19 +58,27 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _enabled = os.environ.get("FRAMEWORK_TRITON_GEMV", "1") != "0"
 _fuse_silu_mul = os.environ.get("FRAMEWORK_TRITON_GEMV_SILU", "1") != "0"
+_fuse_norm = os.environ.get("FRAMEWORK_TRITON_GEMV_NORM", "0") == "1"  # opt-in: not yet measured on a GPU
 
 
-def set_enabled(enabled: bool, fuse_silu_mul: bool | None = None) -> None:
-    """Turn the GEMV dispatch of the layers (and, if given, the fused SiLU-mul MLP tail) on or off."""
-    global _enabled, _fuse_silu_mul
+def set_enabled(enabled: bool, fuse_silu_mul: bool | None = None, fuse_norm: bool | None = None) -> None:
+    """Turn the GEMV dispatch of the layers (and, if given, the fused SiLU-mul MLP tail or the fused
+    RMSNorm prologue) on or off."""
+    global _enabled, _fuse_silu_mul, _fuse_norm
     _enabled = bool(enabled)
     if fuse_silu_mul is not None:
         _fuse_silu_mul = bool(fuse_silu_mul)
+    if fuse_norm is not None:
+        _fuse_norm = bool(fuse_norm)
 
 
 @triton.jit
-def _act_tile(x_ptr, rows, cols, stride_xm, K, mask, SILU: tl.constexpr):
-    """``x[rows, cols]`` in x's dtype; SILU: ``silu(x[rows, cols]) * x[rows, K + cols]``, rounded as torch rounds."""
+def _act_tile(
+    x_ptr, rows, cols, stride_xm, K, mask, SILU: tl.constexpr,
+    r_ptr, stride_rm, nw_ptr, rstd, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """``x[rows, cols]`` in x's dtype, rounded as torch rounds, with SILU: ``silu(x[rows, cols]) * x[rows, K + cols]``;
+    with NORM: ``nw[cols] * (h * rstd)`` for ``h = x (+ residual)[rows, cols]`` (``RMSNorm``'s rounding points)."""
     ptrs = x_ptr + rows * stride_xm + cols
     a = tl.load(ptrs, mask=mask, other=0.0)
     if SILU:
@@ -69,7 +86,40 @@ def _act_tile(x_ptr, rows, cols, stride_xm, K, mask, SILU: tl.constexpr):
         up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(a.dtype)
         a = (silu.to(tl.float32) * up).to(a.dtype)
+    if NORM:
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptr + rows * stride_rm + cols, mask=mask, other=0.0)
+            a = (a.to(tl.float32) + r.to(tl.float32)).to(a.dtype)
+        normed = (a.to(tl.float32) * rstd).to(a.dtype)
+        nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0)
+        a = (nw.to(tl.float32) * normed.to(tl.float32)).to(a.dtype)
     return a
+
+
+@triton.jit
+def _row_rstd(
+    x_ptr, r_ptr, h_ptr, stride_xm, stride_rm, stride_hm, M, K, eps,
+    pid, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``rsqrt(mean(h**2) + eps)`` per row (fp32 ``[BLOCK_M]``, 0 on padding rows) of ``h = x (+ residual)``
+    rounded to x's dtype, over all K; the program with ``pid == 0`` also stores h (the new residual stream)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs = tl.arange(0, BLOCK)
+    ss = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+    for k in range(0, K, BLOCK):
+        cols = k + offs
+        mask = m_mask[:, None] & (cols < K)[None, :]
+        h = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptr + offs_m[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
+            if pid == 0:
+                tl.store(h_ptr + offs_m[:, None] * stride_hm + cols[None, :], h, mask=mask)
+        hf = h.to(tl.float32)
+        ss += hf * hf
+    rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
+    return tl.where(m_mask, rstd, 0.0)  # padding rows: 0, not rsqrt(eps) (inf at eps 0, and 0 * inf is NaN)
 
 
 # fmt: off
@@ -90,6 +140,14 @@ def _gemv_kernel(
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks along K
     SERIAL: tl.constexpr = False,  # SPLIT: the last program of a tile adds the partials (no second launch)
+    r_ptr=None,  # [M, K] residual (NORM and HAS_RESIDUAL)
+    nw_ptr=None,  # [K] RMSNorm weight (NORM)
+    h_ptr=None,  # [M, K] x + residual, the new residual stream, written by program (0, 0) (NORM and HAS_RESIDUAL)
+    stride_rm=0, stride_hm=0,
+    eps=0.0,  # RMSNorm epsilon (NORM)
+    NORM: tl.constexpr = False,  # the GEMV's input is RMSNorm(x (+ residual)), normalised in the load prologue
+    HAS_RESIDUAL: tl.constexpr = False,
+    NORM_BLOCK: tl.constexpr = 16,  # K elements a row per step of the statistics loop (a power of two)
 ):
 # fmt: on
     pid_n = tl.program_id(0)
@@ -99,6 +157,13 @@ def _gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    if NORM:  # every program recomputes the rows' statistics over all of K (a few KiB from L2): no extra launch
+        rstd = _row_rstd(
+            x_ptr, r_ptr, h_ptr, stride_xm, stride_rm, stride_hm, M, K, eps,
+            pid_n + pid_k, HAS_RESIDUAL, BLOCK_M, NORM_BLOCK,
+        )  # fmt: skip
+    else:
+        rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -117,16 +182,24 @@ def _gemv_kernel(
             k_mask = cols < K
             w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if DOT:  # [BLOCK_N, BLOCK_K] @ [BLOCK_K, BLOCK_M]
-            xt = _act_tile(x_ptr, offs_m[None, :], cols[:, None], stride_xm, K, m_mask[None, :] & k_mask[:, None], SILU)
+            xt = _act_tile(
+                x_ptr, offs_m[None, :], cols[:, None], stride_xm, K, m_mask[None, :] & k_mask[:, None], SILU,
+                r_ptr, stride_rm, nw_ptr, rstd[None, :], NORM, HAS_RESIDUAL,
+            )  # fmt: skip
             if IEEE:
                 acc = tl.dot(w, xt, acc, input_precision="ieee")
             else:
                 acc = tl.dot(w.to(xt.dtype), xt, acc)
         elif BLOCK_M == 1:
-            xk = _act_tile(x_ptr, 0, cols, stride_xm, K, k_mask, SILU)
+            xk = _act_tile(
+                x_ptr, 0, cols, stride_xm, K, k_mask, SILU, r_ptr, stride_rm, nw_ptr, tl.sum(rstd, 0), NORM, HAS_RESIDUAL
+            )
             acc += w.to(tl.float32) * xk.to(tl.float32)[None, :]
         else:
-            xk = _act_tile(x_ptr, offs_m[:, None], cols[None, :], stride_xm, K, m_mask[:, None] & k_mask[None, :], SILU)
+            xk = _act_tile(
+                x_ptr, offs_m[:, None], cols[None, :], stride_xm, K, m_mask[:, None] & k_mask[None, :], SILU,
+                r_ptr, stride_rm, nw_ptr, rstd[:, None], NORM, HAS_RESIDUAL,
+            )  # fmt: skip
             acc += w.to(tl.float32)[None, :, :] * xk.to(tl.float32)[:, None, :]
     # y^T [BLOCK_N, BLOCK_M] (DOT) or y [BLOCK_M, BLOCK_N]: address both through (n, m) offsets
     if DOT:
@@ -235,6 +308,12 @@ SILU_TUNED: dict[tuple[int, int, int], Config | None] = {
     (4, 4096, 14336): None,
     (8, 4096, 14336): None,
 }
+# The same for ``gemv_rmsnorm`` (keyed by the linear's (M, N, K)); keys absent: the plain GEMV's config
+# (``TUNED``, else the heuristic). Not measured yet: benchmarks/check_gemv.py's norm section prints entries
+# to paste here (None: RMSNorm + GEMV beat the fused kernel at that key, the layers keep them apart).
+NORM_TUNED: dict[tuple[int, int, int], Config | None] = {}
+# Elements a row that the RMSNorm statistics loop reads per step, over all BLOCK_M rows (registers bound it).
+NORM_STAT_ELEMS = 4096
 
 
 @functools.cache
@@ -272,12 +351,25 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> Config:
 # -- the ops ---------------------------------------------------------------------------
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = False) -> bool:
-    """Whether the layers should run the GEMV (``silu``: ``gemv_silu_mul``) on ``x [..., K]``, ``weight [N, K]``."""
+def _tuned(key: tuple[int, int, int], silu: bool, norm: bool) -> Config | None | bool:
+    """The table entry for an op at ``key`` (True when none)."""
+    if silu:
+        return SILU_TUNED.get(key, True)
+    if norm and key in NORM_TUNED:
+        return NORM_TUNED[key]
+    return TUNED.get(key, True)
+
+
+def applies(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = False, norm: bool = False
+) -> bool:
+    """Whether the layers should run the GEMV (``silu``: ``gemv_silu_mul``, ``norm``: ``gemv_rmsnorm``) on
+    ``x [..., K]``, ``weight [N, K]``."""
     k = x.shape[-1] // 2 if silu else x.shape[-1]
     return (
         _enabled
         and (_fuse_silu_mul or not silu)
+        and (_fuse_norm or not norm)
         and x.shape[:-1].numel() <= MAX_M
         and x.dtype in DTYPES
         and weight.dtype == x.dtype
@@ -285,7 +377,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         and weight.shape[1] == k
         and (not silu or x.shape[-1] % 2 == 0)
         and (bias is None or (bias.dtype == x.dtype and bias.shape == weight.shape[:1]))
-        and (SILU_TUNED if silu else TUNED).get((x.shape[:-1].numel(), weight.shape[0], k), True) is not None
+        and _tuned((x.shape[:-1].numel(), weight.shape[0], k), silu, norm) is not None
     )
 
 
@@ -320,7 +412,9 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     return cnt if cnt is not None and tiles <= cnt.numel() else None
 
 
-def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None) -> torch.Tensor:
+def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None, norm: tuple | None = None) -> torch.Tensor:
+    """One GEMV launch (plus the split reduction when it needs one); ``norm``: ``(residual, norm_weight, eps,
+    new_residual)`` for ``gemv_rmsnorm`` (x, residual and new_residual with a unit last stride)."""
     m, n = x.shape[0], weight.shape[0]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -341,6 +435,9 @@ def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None) -> 
     block_m = 16 if cfg.dot else triton.next_power_of_2(m)
     tiles = triton.cdiv(n, cfg.block_n)
     counters = _counters(x.device, tiles) if splits > 1 and SERIAL_REDUCE else None
+    residual, norm_weight, eps, new_residual = norm or (None, x, 0.0, None)
+    r = residual if residual is not None else x
+    h = new_residual if new_residual is not None else x
     _gemv_kernel[(tiles, splits)](
         x, weight, bias if bias is not None else x, target, out, counters if counters is not None else out,
         m, n, k, x.stride(0), weight.stride(0), out.stride(0), per,
@@ -348,6 +445,9 @@ def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None) -> 
         DOT=cfg.dot, IEEE=x.dtype == torch.float32,
         SPLIT=splits > 1, HAS_BIAS=bias is not None, SILU=silu, EVEN_K=k % cfg.block_k == 0,
         SERIAL=counters is not None,
+        r_ptr=r, nw_ptr=norm_weight, h_ptr=h, stride_rm=r.stride(0), stride_hm=h.stride(0), eps=float(eps),
+        NORM=norm is not None, HAS_RESIDUAL=residual is not None,
+        NORM_BLOCK=min(triton.next_power_of_2(k), max(16, NORM_STAT_ELEMS // block_m)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     if splits > 1 and counters is None:
@@ -406,3 +506,61 @@ def gemv_silu_mul(
     if config is None and gate_up.is_cuda:
         config = SILU_TUNED.get((gate_up.shape[0], weight.shape[0], inter))
     return _launch(gate_up, weight, bias, out, inter, True, config)
+
+
+def gemv_rmsnorm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: Config | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.linear(RMSNorm(x + residual), weight, bias)`` and ``x + residual``, the norm in the GEMV's load prologue.
+
+    ``h = x + residual`` is rounded to the dtype, its mean square taken in fp32 over the whole row, the
+    normalised row cast to the dtype and then multiplied by ``norm_weight`` (the product cast again): the
+    rounding points of ``framework.layers.RMSNorm``. Every program recomputes its rows' mean squares (no
+    extra launch); program (0, 0) writes ``h``. Config: ``NORM_TUNED``, else as for ``gemv``.
+
+    Args:
+        x: ``[M, K]`` activations, ``M <= MAX_M``; float32, float16 or bfloat16.
+        residual: ``[M, K]`` residual stream in x's dtype, or None (then ``h = x``).
+        norm_weight: ``[K]`` RMSNorm weight in x's dtype.
+        eps: added to the mean square before the reciprocal square root (>= 0).
+        weight, bias, out, config: as for ``gemv``.
+        residual_out: optional ``[M, K]`` buffer (contiguous) for ``x + residual`` (ignored without a residual).
+
+    Returns:
+        ``(out [M, N], new_residual [M, K])``; ``new_residual`` is ``x`` itself when ``residual`` is None.
+    """
+    _check(x, weight, bias, x.shape[-1] if x.dim() == 2 else -1)
+    k = x.shape[1]
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual must be {x.dtype} {tuple(x.shape)}; got {residual.dtype} {tuple(residual.shape)}")
+    if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype:
+        raise ValueError(f"norm_weight must be {x.dtype} [{k}]; got {norm_weight.dtype} {tuple(norm_weight.shape)}")
+    if not eps >= 0:
+        raise ValueError(f"eps={eps} must be >= 0")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
+    if residual is None:
+        new_residual = x
+    elif residual_out is None:
+        new_residual = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif residual_out.shape != x.shape or residual_out.dtype != x.dtype or not residual_out.is_contiguous():
+        raise ValueError(f"residual_out must be contiguous {x.dtype} {tuple(x.shape)}; got {residual_out.dtype} "
+                         f"{tuple(residual_out.shape)}")
+    else:
+        new_residual = residual_out
+    if config is None and x.is_cuda:
+        config = NORM_TUNED.get((x.shape[0], weight.shape[0], k))
+    out = _launch(x, weight, bias, out, k, False, config, (residual, norm_weight.contiguous(), eps, new_residual))
+    if residual is not None and (k == 0 or weight.shape[0] == 0) and x.shape[0]:
+        torch.add(x, residual, out=new_residual)  # no program ran to write it
+    return out, new_residual

@@ -111,7 +111,11 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.attend(positions, self.qkv_proj(hidden))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """The block after the q/k/v projection (the decoder layer fuses that one with its norm)."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # The attention layer rotates q and k (or its backend does, fused into the KV-cache write).
         return self.o_proj(self.attn(q, k, v, positions=positions, rotary=self.rotary_emb))
 
@@ -129,7 +133,11 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act_fn.then_linear(self.gate_up_proj(x), self.down_proj)
+        return self.from_gate_up(self.gate_up_proj(x))
+
+    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP after the gate/up projection (the decoder layer fuses that one with its norm)."""
+        return self.act_fn.then_linear(gate_up, self.down_proj)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -144,14 +152,15 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this layer's output, residual stream before it): the next norm adds them."""
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        """Returns (this layer's output, residual stream before it): the next norm adds them.
+
+        Each norm runs with the projection after it (``RMSNorm.then_linear``: one kernel at decode sizes);
+        the first layer has no residual yet (its input is the stream).
+        """
+        qkv, residual = self.input_layernorm.then_linear(hidden, residual, self.self_attn.qkv_proj)
+        hidden = self.self_attn.attend(positions, qkv)
+        gate_up, residual = self.post_attention_layernorm.then_linear(hidden, residual, self.mlp.gate_up_proj)
+        return self.mlp.from_gate_up(gate_up), residual
 
 
 class LlamaModel(nn.Module):

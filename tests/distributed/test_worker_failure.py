@@ -19,8 +19,10 @@ from .conftest import engine_settings
 LONG = framework.SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
 
-def test_killed_worker_fails_requests_and_marks_the_engine_dead(parallel_models):
-    llm_engine = LLMEngine(load_config(engine_settings(parallel_models["llama"], tensor_parallel_size=2)))
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_killed_worker_fails_requests_and_marks_the_engine_dead(parallel_models, parallel):
+    """TP: the driver waits in a collective; PP: in the receive of a batch's logits, with batches in flight."""
+    llm_engine = LLMEngine(load_config(engine_settings(parallel_models["llama"], **parallel)))
     worker = llm_engine.runner.procs[1]
 
     async def main():
