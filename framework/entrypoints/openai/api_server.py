@@ -140,6 +140,27 @@ class APIKeyMiddleware:
         return hmac.compare_digest(token.strip(), self._key) and scheme.lower() == b"bearer"
 
 
+class JSONBodyMiddleware:
+    """``/generate`` reads its body as JSON whatever the Content-Type, as vLLM's simple API does:
+    ``curl URL/generate -d '{...}'`` (what the tutorials type) sends
+    ``application/x-www-form-urlencoded``. A missing or form Content-Type on ``POST /generate``
+    is taken as ``application/json``; the OpenAI routes keep requiring JSON."""
+
+    PATHS = frozenset({"/generate"})
+    _AS_JSON = (b"", b"application/x-www-form-urlencoded")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.PATHS:
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            content_type = dict(scope["headers"]).get(b"content-type", b"")
+            if content_type.split(b";")[0].strip().lower() in self._AS_JSON:
+                scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
+
+
 def build_app(llm_engine: LLMEngine, server: ServerConfig) -> FastAPI:
     """The ASGI app around one engine; the engine thread runs while the app's lifespan does."""
     mc = llm_engine.model_config
@@ -166,6 +187,7 @@ def build_app(llm_engine: LLMEngine, server: ServerConfig) -> FastAPI:
     app = FastAPI(title="framework OpenAI-compatible server", version=framework.__version__, lifespan=lifespan)
     app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(JSONBodyMiddleware)
     if server.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server.api_key)
     state = app.state

@@ -24,6 +24,24 @@ def test_generate_takes_sampling_params_fields(http):
     assert first == http.post("/generate", json=body).json()
 
 
+def test_generate_reads_json_sent_as_a_form(http):
+    """`curl URL/generate -d '{...}'`, as the tutorials type it, sends Content-Type
+    application/x-www-form-urlencoded; vLLM's /generate reads the body as JSON anyway, and so do we."""
+    body = {"prompt": "San Francisco is a", "use_beam_search": True, "n": 4, "temperature": 0, "max_tokens": 6}
+    expected = http.post("/generate", json=body)
+    assert expected.status_code == 200 and len(expected.json()["text"]) == 4
+    for content_type in ("application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        response = http.post("/generate", content=json.dumps(body).encode(), headers=headers)
+        assert response.status_code == 200 and response.json() == expected.json()
+    bad = http.post("/generate", content=b"prompt=hi", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    # the OpenAI routes keep requiring JSON
+    form = http.post("/v1/completions", content=json.dumps({"prompt": "hi"}).encode(),
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert form.status_code == 400
+
+
 def test_tokenize_and_detokenize(http, offline_llm, server):
     tokenizer = offline_llm.get_tokenizer()
     result = http.post("/tokenize", json={"prompt": "Hello there"}).json()
