@@ -10,46 +10,32 @@ GPU the kernels run under ``TRITON_INTERPRET=1`` (float32 and float16; bfloat16 
 
 from __future__ import annotations
 
-import importlib
-import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from gemv_helpers import (  # tests/layers/conftest.py puts this directory on sys.path
+    DEVICE,
+    DOT,
+    DOT_SPLIT,
+    DTYPES,
+    FMA,
+    FMA_SPLIT,
+    ULP,
+    check,
+    dtype_id,
+    poisoned,
+    rand,
+    triton_gemv,
+)
 
-if not torch.cuda.is_available():  # before triton is imported: triton.language's own helpers are jit functions
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+from framework import ops
+from framework.layers import ColumnParallelLinear, LayerContext, RMSNorm
+from framework.layers.linear import UnquantizedLinearMethod
 
-from framework import ops  # noqa: E402
-from framework.layers import ColumnParallelLinear, LayerContext, RMSNorm  # noqa: E402
-from framework.layers.linear import UnquantizedLinearMethod  # noqa: E402
-from framework.ops import triton_gemv  # noqa: E402
-
-if not torch.cuda.is_available() and "Interpreted" not in type(triton_gemv._gemv_kernel).__name__:
-    triton_gemv = importlib.reload(triton_gemv)  # imported before the interpreter was asked for
-
-Config = triton_gemv.Config
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-REL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 EPS = 1e-5
-
-FMA = Config(dot=False, block_n=16, block_k=64)
-FMA_SPLIT = Config(dot=False, block_n=8, block_k=32, split=3)
-DOT = Config(dot=True, block_n=16, block_k=64)
-DOT_SPLIT = Config(dot=True, block_n=32, block_k=32, split=4)
-
-
-def dtype_id(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
-def rand(*shape, dtype, seed, scale=1.0):
-    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(DEVICE, dtype)
 
 
 def make_norm(k, dtype, seed=11):
@@ -63,23 +49,6 @@ def unfused(norm, x, residual):
     """RMSNorm's torch code (whatever the device): ``(norm(h), h)`` with ``h = x + residual`` (or x)."""
     h = x if residual is None else x + residual
     return norm._norm(h), h
-
-
-def check(out, h, w, b, dtype):
-    """``out`` against ``F.linear`` in float64 of the normalised rows ``h``: Frobenius and per-element bounds."""
-    ref = F.linear(h.double(), w.double(), None if b is None else b.double())
-    scale = F.linear(h.double().abs(), w.double().abs(), None if b is None else b.double().abs())
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
-    err = out.double() - ref
-    rel = (err.norm() / ref.norm()).item()
-    assert rel < REL[dtype], f"relative error {rel:.2e} over {REL[dtype]:.0e}"
-    worst = (err.abs() / (4 * ULP[dtype] * scale + 1e-30)).max().item()
-    assert worst <= 1.0, f"an element is off by {worst:.2f}x its bound of 4 ulp of |h| @ |W|^T"
-
-
-def poisoned(m, n, dtype):
-    return torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
