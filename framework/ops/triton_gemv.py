@@ -46,12 +46,13 @@ it has been compiled and timed on a GPU (``benchmarks/check_gemv.py
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from framework.ops.split_k import arrival_counters, num_sms
 
 MAX_M = 8  # the layers use the GEMV up to this many rows (tokens)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -316,13 +317,6 @@ NORM_TUNED: dict[tuple[int, int, int], Config | None] = {}
 NORM_STAT_ELEMS = 4096
 
 
-@functools.cache
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def auto_split(n: int, k: int, block_n: int, block_k: int, sms: int, waves: float = 2.0) -> int:
     """K slices so that ``cdiv(n, block_n) * split`` reaches about ``waves * sms`` programs (1 when it does already)."""
     tiles = triton.cdiv(n, block_n)
@@ -394,22 +388,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: 
         raise ValueError(f"bias must be {x.dtype} [{weight.shape[0]}]; got {bias.dtype} {tuple(bias.shape)}")
 
 
-# Split-K partial sums are added by the last program of each output tile (SERIAL_REDUCE; False or
-# FRAMEWORK_GEMV_SERIAL_REDUCE=0: by _sum_splits_kernel, a second launch). Its arrival counters, one zeroed
-# int32 per tile and device, are put back to zero by that program, so launches sharing them must run one
-# after another on one stream (the engine's do). They are allocated outside CUDA-graph capture only; a
-# capture before any eager split launch takes the two-kernel path.
+# Split-K partial sums are added by the last program of each output tile, with the arrival counters of
+# framework.ops.split_k (SERIAL_REDUCE; False or FRAMEWORK_GEMV_SERIAL_REDUCE=0: by _sum_splits_kernel, a
+# second launch, as also during a CUDA-graph capture that finds no counters).
 SERIAL_REDUCE = os.environ.get("FRAMEWORK_GEMV_SERIAL_REDUCE", "1") != "0"
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_MAX_TILES = 1 << 16
-
-
-def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    cnt = _COUNTERS.get(device)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if cnt is None and tiles <= _MAX_TILES and not capturing:
-        cnt = _COUNTERS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
-    return cnt if cnt is not None and tiles <= cnt.numel() else None
 
 
 def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None, norm: tuple | None = None) -> torch.Tensor:
@@ -434,7 +416,7 @@ def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None, nor
     target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
     block_m = 16 if cfg.dot else triton.next_power_of_2(m)
     tiles = triton.cdiv(n, cfg.block_n)
-    counters = _counters(x.device, tiles) if splits > 1 and SERIAL_REDUCE else None
+    counters = arrival_counters(x.device, tiles) if splits > 1 and SERIAL_REDUCE else None
     residual, norm_weight, eps, new_residual = norm or (None, x, 0.0, None)
     r = residual if residual is not None else x
     h = new_residual if new_residual is not None else x

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from framework.ops.split_k import arrival_counters
+
 LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256  # below this, the extra reduction costs more than the parallelism gains
 MAX_SPLITS = 32
@@ -212,24 +214,7 @@ def _decode_reduce_kernel(
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_MIN_COUNTERS = 4096
 _MAX_FUSED_REDUCE_ELEMENTS = 16384  # GROUP x splits x head_dim (padded) of the in-launch reduction
-
-
-def _counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """The device's zeroed int32 split counters (persistent: every launch leaves them 0).
-
-    Grown outside CUDA-graph capture only (a buffer allocated during capture
-    would be the graph's); a capture that needs more gets None (two launches).
-    """
-    buffer = _COUNTERS.get(device)
-    if buffer is None or buffer.numel() < needed:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buffer = torch.zeros(max(_MIN_COUNTERS, needed), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buffer
-    return buffer
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -286,7 +271,7 @@ def decode_attention(
     block_gr, block_s = triton.next_power_of_2(group), triton.next_power_of_2(num_splits)
     # the reduction holds [GROUP, splits, D] float32 partials in registers: only while that is small
     fuse_reduce = fuse_reduce and num_splits > 1 and block_gr * block_s * block_d <= _MAX_FUSED_REDUCE_ELEMENTS
-    counters = _counters(q.device, num_seqs * num_kv_heads) if fuse_reduce else None
+    counters = arrival_counters(q.device, num_seqs * num_kv_heads) if fuse_reduce else None
     fused_reduce = counters is not None
     kv_fp8 = key_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
     if kv_fp8 and (k_scale is None or v_scale is None):

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from framework.attention import AttentionBackend, BatchInputs
+from framework.ops.split_k import num_sms
 
 if TYPE_CHECKING:
     from framework.layers.rotary import RotaryEmbedding
@@ -63,13 +64,6 @@ def _device_capability(device: torch.device) -> tuple[int, int] | None:
 @functools.cache
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the interpreter (CPU): any value is correct
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @dataclass
@@ -195,7 +189,7 @@ class TritonPagedAttention(AttentionBackend):
         scale, page = self.scale, md.block_size
         if nd > 0:
             num_splits = triton_decode.choose_num_splits(
-                nd, self.num_kv_heads, md.decode_seq_len_bucket, _num_sms(q.device)
+                nd, self.num_kv_heads, md.decode_seq_len_bucket, num_sms(q.device)
             )
             triton_decode.decode_attention(
                 q[:nd], key_cache, value_cache, md.block_tables[:nd], md.seq_lens[:nd], out[:nd],

@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from framework.ops.split_k import arrival_counters, capturing, num_sms
+
 logger = logging.getLogger(__name__)
 
 MAGIC = tl.constexpr(0x4B000000)  # bit pattern of float32 2**23
@@ -282,29 +284,17 @@ def _splits(k_blocks: int, split_k: int) -> tuple[int, int]:
     return per, triton.cdiv(k_blocks, per)
 
 
-# Arrival counters for the in-kernel split-K reduction, one zeroed int32 per output tile, per device. The
-# last program of a tile puts its counter back to zero, so the buffer stays zeroed between launches; the
-# launches that share it must run one after another (one stream), as the engine's do. Allocated outside
-# CUDA-graph capture only (a capture before any eager call reduces with the second kernel instead).
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_MAX_TILES = 1 << 16
-# Per kind: add split-K partial sums in the kernel (True) or with _sum_splits_kernel. Measured on an H200:
+# The in-kernel split-K reduction uses the arrival counters of framework.ops.split_k (one zeroed int32 per
+# output tile; a CUDA-graph capture that finds none reduces with the second kernel instead). Per kind: add split-K partial sums in the kernel (True) or with _sum_splits_kernel. Measured on an H200:
 # in-kernel saves 1.5-4 us a call at M=1; for gemm tiles the last program's serial sum of S tiles costs
 # about what the second launch does (M=16) or more (M=64 with many splits), so gemm keeps two kernels.
 SERIAL_REDUCE = {"gemv": True, "gemm": False}
 
 
-def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    cnt = _COUNTERS.get(device)
-    if cnt is None and tiles <= _MAX_TILES and not _capturing(device):
-        cnt = _COUNTERS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
-    return cnt if cnt is not None and tiles <= cnt.numel() else None
-
-
 def _reduce_mode(kind: str, splits: int, tiles: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
     if splits == 1:
         return 0, None
-    cnt = _counters(device, tiles) if SERIAL_REDUCE[kind] else None
+    cnt = arrival_counters(device, tiles) if SERIAL_REDUCE[kind] else None
     return (2, cnt) if cnt is not None else (1, None)
 
 
@@ -384,19 +374,13 @@ def m_bucket(m: int) -> int:
     return 1 if m <= 1 else triton.next_power_of_2(m)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _split_for(tiles: int, k_blocks: int, programs: int) -> int:
     return max(1, min(k_blocks, triton.cdiv(programs, tiles)))
 
 
 def heuristic_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> Config:
     """A config chosen without timing (the CPU interpreter, capture of an unseen key, tuning off)."""
-    sms = _num_sms(device)
+    sms = num_sms(device)
     small = device.type != "cuda"  # interpreter: small blocks keep it quick
     if m == 1:  # narrow tiles, several groups a step, ~8 programs per SM (the H200's measured winners)
         bn, bk = (64, 64) if small else (32, 512)
@@ -429,7 +413,7 @@ _GEMM_TILES = (  # (block_m, block_n, block_k, warps, stages) for M > 64
 
 def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device) -> list[Config]:
     """What tuning times for the bucket ``m`` (the heuristic first)."""
-    sms = _num_sms(device)
+    sms = num_sms(device)
     out = [heuristic_config(m, n, k, group_size, device)]
     if m == 1:
         for bn, bk, warps in _GEMV_TILES:
@@ -521,10 +505,6 @@ def _tuning_enabled() -> bool:
     return os.environ.get("FRAMEWORK_INT4_TUNE", "1") != "0"
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _tune(key, x, qweight, scales, zeros, group_size, bits) -> Config:
     from triton.testing import do_bench
 
@@ -552,7 +532,7 @@ def choose_config(x, qweight, scales, zeros, group_size, bits) -> Config:
         cfg = TUNED.get((key[0], n, k, group_size, bits))
         if cfg is not None:
             return cfg
-    if x.device.type != "cuda" or not _tuning_enabled() or _capturing(x.device):
+    if x.device.type != "cuda" or not _tuning_enabled() or capturing(x.device):
         return heuristic_config(m, n, k, group_size, x.device)
     probe = x if m == key[0] else torch.randn((key[0], k), dtype=x.dtype, device=x.device)
     cfg = _TUNED[key] = _tune(key, probe, qweight, scales, zeros, group_size, bits)

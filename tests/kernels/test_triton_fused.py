@@ -19,7 +19,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from framework import ops  # noqa: E402
+from framework import ops
+from framework.ops import split_k  # noqa: E402
 from framework.layers import get_rope  # noqa: E402
 from plugins.kernels import triton_cache_write, triton_decode  # noqa: E402
 from plugins.kernels.triton_paged import TritonPagedAttention  # noqa: E402
@@ -178,7 +179,7 @@ def test_decode_fused_reduce_matches_two_launches(dtype, num_splits):
             q, keys, values, inputs.block_tables, seq_lens, out, 0.125, 16, num_splits, block_n=16, fuse_reduce=fuse
         )
         outs.append(out)
-    counters = triton_decode._COUNTERS[q.device if q.device.type != "cuda" else torch.device(DEVICE, 0)]
+    counters = split_k.counters_on(q.device)
     assert not counters.any()
     assert not outs[0].isnan().any() and torch.equal(outs[0][1], torch.zeros_like(outs[0][1]))
     assert torch.equal(outs[0], outs[2])
