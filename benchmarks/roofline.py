@@ -12,6 +12,11 @@ at most ``max_num_seqs`` in flight, new requests admitted as others finish):
                  bytes read = weights + the KV cache of every running sequence.
 The roofline throughput is output tokens / (prefill + decode time).
 
+With ``--tensor-parallel-size N`` every figure is per GPU (weights, KV heads,
+attention heads and FLOPs split N ways; ceilings measured on one GPU) and the
+roofline leaves out communication; ``--allreduce-step-us`` (measured by
+``bench_allreduce.py``) is added to the batch-1 floor.
+
     python benchmarks/roofline.py --shape llama3-8b --workload w1
 """
 
@@ -39,6 +44,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     dtype_bytes: int = 2
+    tp: int = 1  # tensor-parallel ranks: the figures below are per GPU
 
     @classmethod
     def named(cls, name: str) -> "ModelShape":
@@ -54,24 +60,25 @@ class ModelShape:
     def layer_params(self) -> int:
         attn = self.hidden * self.head_dim * (self.heads * 2 + self.kv_heads * 2)
         mlp = 3 * self.hidden * self.intermediate
-        return self.layers * (attn + mlp)
+        return self.layers * (attn + mlp) // self.tp
 
     @property
     def matmul_params(self) -> int:
         """Parameters multiplied per token: layers + LM head (the embedding is a lookup)."""
-        return self.layer_params + self.hidden * self.vocab
+        return self.layer_params + self.hidden * self.vocab // self.tp
 
     @property
     def weight_bytes(self) -> int:
-        return (self.layer_params + 2 * self.hidden * self.vocab) * self.dtype_bytes
+        return (self.layer_params + 2 * self.hidden * self.vocab // self.tp) * self.dtype_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+        kv_heads = max(1, self.kv_heads // self.tp)  # replicated when there are fewer KV heads than ranks
+        return 2 * self.layers * kv_heads * self.head_dim * self.dtype_bytes
 
     def attention_flops(self, query_tokens: int, context: int) -> float:
         """QK^T and PV for ``query_tokens`` queries over ``context`` keys, all layers."""
-        return 4.0 * self.layers * self.heads * self.head_dim * query_tokens * context
+        return 4.0 * self.layers * self.heads // self.tp * self.head_dim * query_tokens * context
 
 
 def measure_ceilings(device: str = "cuda", repeats: int = 20) -> tuple[float, float]:
@@ -149,17 +156,27 @@ def main() -> None:
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--workload", default="w1", choices=["w1", "batch1"])
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--allreduce-step-us", type=float, default=0.0,
+                        help="measured all-reduce time of one batch-1 decode step, added to the batch-1 floor")
     args = parser.parse_args()
     flops, bandwidth = measure_ceilings()
     shape = ModelShape.named(args.shape)
+    shape.tp = args.tensor_parallel_size
     result = {
         "device": torch.cuda.get_device_name(),
         "matmul_tflops": round(flops / 1e12, 1),
         "copy_gb_s": round(bandwidth / 1e9, 1),
-        "weight_gb": round(shape.weight_bytes / 1e9, 2),
+        "weight_gb_per_gpu": round(shape.weight_bytes / 1e9, 2),
     }
     requests = w1_requests() if args.workload == "w1" else [(128, 256)]
     result.update(roofline(shape, requests, args.max_num_seqs, flops, bandwidth))
+    if shape.tp > 1:
+        result["tensor_parallel_size"] = shape.tp
+        result["allreduce_step_us"] = args.allreduce_step_us
+        result["batch1_floor_ms_per_token"] = round(
+            result["batch1_floor_ms_per_token"] + args.allreduce_step_us / 1e3, 3
+        )
     print(json.dumps(result))
 
 

@@ -1,0 +1,111 @@
+"""Time the tensor-parallel all-reduce as the engine issues it (NCCL, one process per GPU).
+
+A decode step of a TP model all-reduces the hidden states twice per layer
+(after attention and after the MLP): ``2 x layers`` calls of a
+``[tokens, hidden]`` bf16 tensor. This times such a run of calls, eagerly and
+replayed from a CUDA graph (the engine's decode path), and prints one JSON
+line per (world size, tokens): microseconds per call and per step.
+
+    python benchmarks/bench_allreduce.py --world-sizes 2 4 --hidden 8192 --layers 80 --tokens 1 256
+
+The batch-1 floor of a TP model is its weight bytes per GPU / copy bandwidth
+plus this measured all-reduce time per step (``step_us`` at tokens=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _time(fn, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` synchronised runs (after two warm-ups)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(2):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        dist.barrier()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _rank(rank: int, world: int, port: int, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    else:  # a dry run of the script on CPU (gloo; no graphs)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        args.skip_graph = True
+    device = "cuda" if cuda else "cpu"
+    calls = 2 * args.layers
+    for tokens in args.tokens:
+        x = torch.full((tokens, args.hidden), 1.0 / world, dtype=torch.bfloat16, device=device)
+
+        def run_calls() -> None:
+            for _ in range(calls):
+                dist.all_reduce(x)
+
+        eager_s = _time(run_calls, args.repeats)
+        x.fill_(1.0)
+        dist.all_reduce(x)  # the sum must be right, not only fast
+        if not torch.all(x == world):
+            raise SystemExit(f"rank {rank}: all-reduce of ones gave {x.flatten()[:4].tolist()}, not {world}")
+        graph_s = None
+        if not args.skip_graph:
+            x.fill_(1.0 / world)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                dist.all_reduce(x)  # NCCL's lazy set-up happens outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run_calls()
+            graph_s = _time(graph.replay, args.repeats)
+        if rank == 0:
+            row = {
+                "world_size": world, "tokens": tokens, "hidden": args.hidden, "calls_per_step": calls,
+                "eager_us_per_call": round(eager_s / calls * 1e6, 2), "eager_step_us": round(eager_s * 1e6, 1),
+            }  # fmt: skip
+            if graph_s is not None:
+                row.update(graph_us_per_call=round(graph_s / calls * 1e6, 2), graph_step_us=round(graph_s * 1e6, 1))
+            print(json.dumps(row), flush=True)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2])
+    parser.add_argument("--hidden", type=int, default=8192)
+    parser.add_argument("--layers", type=int, default=80)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 256])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--skip-graph", action="store_true", help="time eager calls only")
+    args = parser.parse_args()
+    from framework.distributed.parallel_state import free_port
+
+    for world in args.world_sizes:
+        if torch.cuda.is_available() and world > torch.cuda.device_count():
+            print(json.dumps({"world_size": world, "skipped": f"{torch.cuda.device_count()} GPUs visible"}))
+            continue
+        mp.spawn(_rank, args=(world, free_port(), args), nprocs=world, join=True)
+
+
+if __name__ == "__main__":
+    main()
