@@ -15,9 +15,11 @@ plus this measured all-reduce time per step (``step_us`` at tokens=1).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
+import threading
 import time
 
 import torch
@@ -86,7 +88,14 @@ def _rank(rank: int, world: int, port: int, args) -> None:
             if graph_s is not None:
                 row.update(graph_us_per_call=round(graph_s / calls * 1e6, 2), graph_step_us=round(graph_s * 1e6, 1))
             print(json.dumps(row), flush=True)
-    dist.destroy_process_group()
+        graph = None  # NCCL's teardown can hang while a graph that captured collectives lives (pytorch#115388)
+    gc.collect()
+    torch.cuda.synchronize() if cuda else None
+    left = threading.Event()
+    threading.Thread(target=lambda: (dist.destroy_process_group(), left.set()), daemon=True).start()
+    if not left.wait(30):
+        print(json.dumps({"rank": rank, "teardown": "destroy_process_group did not return in 30 s"}), flush=True)
+        os._exit(1)
 
 
 def main() -> None:

@@ -40,7 +40,9 @@ def run(path: Path, **settings):
         seconds = time.perf_counter() - start
         graphs = llm.engine.runner.graphs is not None
     finally:
+        stop = time.perf_counter()
         llm.engine.shutdown()
+        print(f"  shutdown took {time.perf_counter() - stop:.2f} s", flush=True)
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs], seconds, graphs
 
 
@@ -109,7 +111,8 @@ def main() -> int:
                     failures += not ok
                     print(
                         f"{name} tp={tp} pp={pp} graphs={graphs}: ids equal {same}, max |dlogprob| {worst:.2e}, "
-                        f"{seconds:.2f} s vs {ref_s:.2f} s on one GPU -> {'ok' if ok else 'FAIL'}"
+                        f"{seconds:.2f} s vs {ref_s:.2f} s on one GPU -> {'ok' if ok else 'FAIL'}",
+                        flush=True,
                     )
         if gpus >= 2:
             failures += not kill_check(models["llama-gqa"])

@@ -300,10 +300,14 @@ class MultiprocExecutor:
                     "cannot send the shutdown message; stopping the workers",
                     exc_info=True,
                 )
-        _stop_processes(self.procs, grace_s=timeout_s)
         if self.state is not None and self.dead is None:
-            self.state.destroy()
-        elif self.state is not None:
+            # Leave the groups alongside the workers (NCCL's teardown waits for every rank), then reap them.
+            runner = self.__dict__.get("runner")
+            if runner is not None:
+                runner.release_graphs()
+            self.state.destroy(timeout_s)
+        _stop_processes(self.procs, grace_s=timeout_s)
+        if self.state is not None and self.dead is not None:
             _destroy_quietly()
         if hasattr(self, "_at_exit"):
             atexit.unregister(self._at_exit)

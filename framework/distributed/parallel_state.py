@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -329,9 +330,28 @@ class ParallelState:
         except Exception:  # best effort: the timeout still bounds the wait
             logger.exception("cannot abort the NCCL process groups")
 
-    def destroy(self) -> None:
-        if dist.is_initialized():
+    def destroy(self, timeout_s: float = 15.0) -> bool:
+        """Leave the process groups; False when that did not finish within ``timeout_s``.
+
+        Every rank calls this at about the same time (NCCL's teardown waits for its peers).
+        Release CUDA graphs that captured collectives first: NCCL's teardown can wait
+        forever while such a graph is alive (pytorch/pytorch#115388). The wait is bounded
+        all the same, so that a teardown stuck in NCCL never holds up the engine's shutdown.
+        """
+        if not dist.is_initialized():
+            return True
+        done = threading.Event()
+
+        def leave() -> None:
             try:
                 dist.destroy_process_group()
             except Exception:
                 logger.exception("cannot destroy the process groups")
+            done.set()
+
+        threading.Thread(target=leave, name="leave-process-groups", daemon=True).start()
+        if done.wait(timeout_s):
+            return True
+        logger.warning("leaving the %s process groups did not finish in %.0f s; going on without", self.backend,
+                       timeout_s)  # fmt: skip
+        return False

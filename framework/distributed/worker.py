@@ -130,7 +130,11 @@ def run_worker(spec: WorkerSpec) -> None:
     state = ParallelState(spec.layout, device, spec.init_method, spec.timeout_s)
     runner = build_runner(spec.config, spec.model_config, device, state)
     serve(runner, state, spec.config, before)
-    state.destroy()  # only after SHUTDOWN: on an error the process exits, and the driver sees its exit code
+    # Only after SHUTDOWN: on an error the process exits, and the driver sees its exit code.
+    runner.release_graphs()
+    if not state.destroy():
+        logging.shutdown()
+        os._exit(0)  # a teardown thread stuck in NCCL would hold up the interpreter's exit
 
 
 def spec_to_json(spec: WorkerSpec) -> str:

@@ -18,6 +18,7 @@ adds an estimate of their memory pool so that the KV cache leaves room.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import numpy as np
@@ -132,6 +133,16 @@ class ModelRunner:
             self.enable_decode_graphs()
         for layer in self.attn_layers:  # after capture: scales come from the first real prefill
             layer.calculate_kv_scales = bool(getattr(self.config, "calculate_kv_scales", False))
+
+    def release_graphs(self) -> None:
+        """Drop the decode graphs and their memory pool (before leaving NCCL process groups)."""
+        if self.graphs is None:
+            return
+        self.graphs = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     def enable_decode_graphs(self) -> None:
         """Capture the decode graphs (on a CPU device: replay runs eagerly on the static buffers)."""
