@@ -9,7 +9,10 @@ a request runs: the request must fail within 10 s with an error naming the
 rank, and no worker process may be left. Prints one line per check and
 exits non-zero on a failure.
 
-    python benchmarks/check_tensor_parallel.py
+    python benchmarks/check_tensor_parallel.py [--kill-only]
+
+A run that outlasts CHECK_TP_STACKS_AFTER_S seconds (280) prints every
+thread's stack and exits.
 """
 
 from __future__ import annotations
@@ -86,7 +89,11 @@ def kill_check(path: Path) -> bool:
 
 
 def main() -> int:
+    import faulthandler
+
     from framework.testing import make_tiny_model
+
+    faulthandler.dump_traceback_later(float(os.environ.get("CHECK_TP_STACKS_AFTER_S", "280")), exit=True)
 
     gpus = torch.cuda.device_count()
     print(f"{gpus} GPUs: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
@@ -97,7 +104,7 @@ def main() -> int:
             "llama-gqa": make_tiny_model("LlamaForCausalLM", Path(tmp) / "llama", num_hidden_layers=4),
             "qwen2-1kv": make_tiny_model("Qwen2ForCausalLM", Path(tmp) / "qwen2", num_key_value_heads=1),
         }
-        for name, path in models.items():
+        for name, path in models.items() if "--kill-only" not in sys.argv else ():
             for eager in (False, True):
                 ref, ref_s, _ = run(path, enforce_eager=eager)
                 for tp, pp in layouts:

@@ -308,7 +308,7 @@ class MultiprocExecutor:
             self.state.destroy(timeout_s)
         _stop_processes(self.procs, grace_s=timeout_s)
         if self.state is not None and self.dead is not None:
-            _destroy_quietly()
+            self.state.destroy(timeout_s=2.0, quiet=True)  # aborted already; a dead peer can make NCCL wait
         if hasattr(self, "_at_exit"):
             atexit.unregister(self._at_exit)
 
@@ -376,13 +376,3 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> None:
         proc.wait(max(0.0, timeout_s))
     except subprocess.TimeoutExpired:
         pass
-
-
-def _destroy_quietly() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            logger.debug("destroying the process groups after a failure", exc_info=True)

@@ -330,7 +330,7 @@ class ParallelState:
         except Exception:  # best effort: the timeout still bounds the wait
             logger.exception("cannot abort the NCCL process groups")
 
-    def destroy(self, timeout_s: float = 15.0) -> bool:
+    def destroy(self, timeout_s: float = 15.0, quiet: bool = False) -> bool:
         """Leave the process groups; False when that did not finish within ``timeout_s``.
 
         Every rank calls this at about the same time (NCCL's teardown waits for its peers).
@@ -346,12 +346,17 @@ class ParallelState:
             try:
                 dist.destroy_process_group()
             except Exception:
-                logger.exception("cannot destroy the process groups")
+                level = logging.DEBUG if quiet else logging.ERROR
+                logger.log(level, "cannot destroy the process groups", exc_info=True)
             done.set()
 
         threading.Thread(target=leave, name="leave-process-groups", daemon=True).start()
         if done.wait(timeout_s):
             return True
-        logger.warning("leaving the %s process groups did not finish in %.0f s; going on without", self.backend,
-                       timeout_s)  # fmt: skip
+        logger.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "leaving the %s process groups did not finish in %.0f s; going on without",
+            self.backend,
+            timeout_s,
+        )
         return False
