@@ -84,10 +84,13 @@ class EngineConfig(BaseModel):
     distributed_executor_backend: Literal["mp", "torchrun", "ray"] | None = Field(
         None,
         description="how ranks start when tensor/pipeline_parallel_size > 1: mp (the engine spawns them; default), "
-        "torchrun (every rank runs the program; rank 0 is the engine), ray (not implemented yet)",
+        "torchrun (every rank runs the program; rank 0 is the engine), "
+        "ray (ranks 1..N-1 are actors of a Ray cluster)",
     )
     distributed_host: str | None = Field(
-        None, description="address the ranks rendezvous on (mp: the interface to bind; default 127.0.0.1)"
+        None,
+        description="address the ranks rendezvous on (mp, ray: the driver's interface to bind; default 127.0.0.1; "
+        "ray across hosts needs it)",
     )
     plugins: PluginSettings = Field(default_factory=PluginSettings, description="plugin switches")
 

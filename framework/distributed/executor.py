@@ -15,9 +15,10 @@ to ``pipeline_parallel_size`` batches in flight (``pipelined_step.py``).
   and samples alone: logits reach it (all-gather of the vocabulary shards;
   with pipeline stages, sent from the last stage), so sampling metadata and
   per-request generators never leave it and seeded outputs equal the single
-  process's. Workers are ranks 1..N-1, spawned here (``mp``) or started by
-  ``torchrun`` with the same program (ranks > 0 never return from the
-  engine's constructor: they serve, then exit).
+  process's. Workers are ranks 1..N-1, spawned here (``mp``), started as
+  Ray actors (``ray``, ``ray_workers.py``) or started by ``torchrun`` with
+  the same program (ranks > 0 never return from the engine's constructor:
+  they serve, then exit).
 
 KV pool: each rank reports its bytes per block and, on CUDA, the bytes it
 can give to the KV cache; the pool has the same number of blocks on every
@@ -100,11 +101,6 @@ def make_executor(config: EngineConfig, model_config: ModelConfig, registries, d
         return ModelRunner(config, model_config, registries, device, quant_config)
     check_parallel_config(config, model_config)
     launcher = config.distributed_executor_backend or "mp"
-    if launcher == "ray":
-        raise ValueError(
-            "distributed_executor_backend='ray' is not implemented yet: use 'mp' (one host) or 'torchrun' "
-            "(one or several hosts)"
-        )
     if device.type == "cuda" and launcher == "mp" and torch.cuda.device_count() < world:
         raise ValueError(
             f"tensor_parallel_size * pipeline_parallel_size = {world} needs {world} CUDA devices; "
@@ -125,7 +121,7 @@ class MultiprocExecutor:
         self.dead: WorkerDiedError | None = None
         self.closed = False
         self._dead_lock = threading.Lock()  # the monitor and the engine thread may both find the death
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen] = {}  # or ray_workers.RayWorker, which acts like one
         self.state: ParallelState | None = None
         self._block_bytes: int | None = None
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
@@ -141,6 +137,10 @@ class MultiprocExecutor:
             raise SystemExit(0)
         if launcher == "mp":
             self._spawn(spec, tp * pp)
+        elif launcher == "ray":
+            from framework.distributed.ray_workers import start_ray_workers
+
+            self.procs, local_rank = start_ray_workers(spec, tp * pp, device.type == "cuda")
         # at interpreter exit: a clean shutdown if the owner did not call it (the executor may be gone by then)
         self._at_exit = functools.partial(_shutdown_if_alive, weakref.ref(self))
         atexit.register(self._at_exit)
@@ -269,7 +269,8 @@ class MultiprocExecutor:
             if exited:
                 rank, proc = exited[0]
                 if not self.closed:
-                    self._mark_dead(f"worker rank {rank} (pid {proc.pid}) died: {_exit_reason(proc.returncode)}")
+                    how = proc.describe_exit() if hasattr(proc, "describe_exit") else _exit_reason(proc.returncode)
+                    self._mark_dead(f"worker rank {rank} (pid {proc.pid}) died: {how}")
                 return
             if once:
                 return

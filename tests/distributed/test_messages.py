@@ -136,12 +136,6 @@ def test_accepted_splits():
     check_parallel_config(EngineConfig(tensor_parallel_size=2, pipeline_parallel_size=2), _model_config())
 
 
-def test_ray_backend_is_a_clear_error():
-    config = EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray")
-    with pytest.raises(ValueError, match="distributed_executor_backend='ray' is not implemented"):
-        make_executor(config, _model_config(), None, torch.device("cpu"), None)
-
-
 def test_torchrun_backend_needs_its_environment(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
