@@ -13,7 +13,7 @@
    measured here (a large device-to-device copy, bytes read + written); and
    the same 128 linears (distinct weights) replayed in one CUDA graph, int4
    against bf16 (no per-call event overhead, nothing left in L2).
-4. With ``--retune``: the table ``triton_int4.TUNED`` is ignored, every key
+4. With ``--retune``: the table ``int4_configs.TUNED`` is ignored, every key
    is tuned, and the winners are printed as TUNED lines to paste. For split-K
    configs, the time with the other split-K reduction (in the kernel against
    a second kernel; ``triton_int4.SERIAL_REDUCE``).
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from plugins.quant import triton_int4
+from plugins.quant import int4_configs, triton_int4
 
 SHAPES = {
     "qkv": (4096, 6144),
@@ -87,7 +87,7 @@ def check(dtype, ms, gen, tuned=True) -> list[dict]:
                 cfg = (
                     None
                     if tuned
-                    else triton_int4.heuristic_config(m, n, k, 128, x.device)
+                    else int4_configs.heuristic_config(m, n, k, 128, x.device)
                 )
                 triton_int4.int4_matmul(
                     x, qweight, scales, zeros, 128, bits, config=cfg
@@ -220,10 +220,10 @@ def timing(ms, gen, start=None, int8_tune_until_s=110.0) -> list[dict]:
 
 def _chosen(m, n, k, bits, dtype, device):
     """The config int4_matmul runs for this key: tuned in this process, else the TUNED table (None: heuristic)."""
-    mb = triton_int4.m_bucket(m)
-    return triton_int4._TUNED.get(
+    mb = int4_configs.m_bucket(m)
+    return int4_configs._TUNED.get(
         (mb, n, k, 128, bits, dtype, device)
-    ) or triton_int4.TUNED.get((mb, n, k, 128, bits))
+    ) or int4_configs.TUNED.get((mb, n, k, 128, bits))
 
 
 def _cfg_str(cfg) -> str:
@@ -284,7 +284,7 @@ def sweep(gen, deadline_s=160.0) -> dict:
             res = sorted(
                 (
                     (_time_cfg(x, layer, 4, c), c)
-                    for c in triton_int4.candidate_configs(m, n, k, 128, x.device)
+                    for c in int4_configs.candidate_configs(m, n, k, 128, x.device)
                 ),
                 key=lambda r: r[0],
             )
@@ -397,10 +397,10 @@ def print_summary(rows, dec) -> None:
 
 
 def print_tuned_table() -> None:
-    """The tuned configs of this run (16-bit activations) as ``triton_int4.TUNED`` entries."""
-    print("TUNED table (paste into plugins/quant/triton_int4.py):")
+    """The tuned configs of this run (16-bit activations) as ``int4_configs.TUNED`` entries."""
+    print("TUNED table (paste into plugins/quant/int4_configs.py):")
     for key, c in sorted(
-        triton_int4._TUNED.items(),
+        int4_configs._TUNED.items(),
         key=lambda kv: (kv[0][4], kv[0][2], kv[0][1], kv[0][0]),
     ):
         m, n, k, group, bits, dtype, _ = key
@@ -424,13 +424,13 @@ def main() -> None:
     parser.add_argument(
         "--retune",
         action="store_true",
-        help="ignore triton_int4.TUNED: tune every key, print a table",
+        help="ignore int4_configs.TUNED: tune every key, print a table",
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     if args.retune or args.sweep:
-        triton_int4.TUNED.clear()
+        int4_configs.TUNED.clear()
     if args.sweep:
         gen = torch.Generator(device="cuda").manual_seed(0)
         print(

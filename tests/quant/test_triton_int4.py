@@ -28,7 +28,7 @@ pytest.importorskip(
 )
 
 from framework.ops import split_k
-from plugins.quant import triton_int4
+from plugins.quant import int4_configs, triton_int4
 
 if (
     not torch.cuda.is_available()
@@ -38,7 +38,7 @@ if (
         triton_int4
     )  # imported before the interpreter was asked for
 
-Config = triton_int4.Config
+Config = int4_configs.Config
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 REL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -157,8 +157,8 @@ def test_tuned_table_configs_run():
     """Every measured config in TUNED fits its key and runs correctly (on a small shape: same kernels, same
     constexprs, with split-K and group crossing as the table has them)."""
     seen = set()
-    for (m, n, k, group, bits), cfg in triton_int4.TUNED.items():
-        assert m == triton_int4.m_bucket(m) and k % group == 0 and n > 0
+    for (m, n, k, group, bits), cfg in int4_configs.TUNED.items():
+        assert m == int4_configs.m_bucket(m) and k % group == 0 and n > 0
         assert (cfg.kind == "gemv") == (m == 1) and cfg.split_k >= 1
         if cfg.kind == "gemm":
             assert cfg.block_m >= min(m, 64) or m > 64
@@ -180,13 +180,13 @@ def test_tuned_table_configs_run():
 
 
 def test_block_k_steps():
-    assert triton_int4._block_k(128, 64) == 64
-    assert triton_int4._block_k(128, 256) == 128  # gemm: never more than a group
-    assert triton_int4._block_k(128, 512, 4096) == 512  # gemv: several whole groups
-    assert triton_int4._block_k(128, 512, 14336) == 512
-    assert triton_int4._block_k(128, 512, 128 * 6) == 256  # must divide K
+    assert int4_configs._block_k(128, 64) == 64
+    assert int4_configs._block_k(128, 256) == 128  # gemm: never more than a group
+    assert int4_configs._block_k(128, 512, 4096) == 512  # gemv: several whole groups
+    assert int4_configs._block_k(128, 512, 14336) == 512
+    assert int4_configs._block_k(128, 512, 128 * 6) == 256  # must divide K
     # a group that is not a power of two: a power-of-two divisor of it
-    assert triton_int4._block_k(96, 512, 96 * 8) == 32
+    assert int4_configs._block_k(96, 512, 96 * 8) == 32
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -208,7 +208,7 @@ def test_dequantize_triton(bits, group, dtype):
 def test_candidate_configs_are_valid():
     """Every config tuning may pick runs the op correctly (small shape, as the interpreter allows)."""
     for m in (1, 6, 100):
-        for cfg in triton_int4.candidate_configs(m, 72, 128, 128, torch.device(DEVICE)):
+        for cfg in int4_configs.candidate_configs(m, 72, 128, 128, torch.device(DEVICE)):
             if cfg.block_n <= 128 and cfg.block_m <= 64:  # keep the interpreter quick
                 run_case(m, 72, 128, 128, 4, torch.float32, config=cfg, seed=m)
             assert cfg.kind in ("gemv", "gemm", "dequant") and (
@@ -248,7 +248,7 @@ def test_bad_input_names_the_field():
 
 
 def test_m_bucket_and_capture_free_choice():
-    assert [triton_int4.m_bucket(m) for m in (1, 2, 3, 16, 17, 256)] == [
+    assert [int4_configs.m_bucket(m) for m in (1, 2, 3, 16, 17, 256)] == [
         1,
         2,
         4,
@@ -256,5 +256,5 @@ def test_m_bucket_and_capture_free_choice():
         32,
         256,
     ]
-    cfg = triton_int4.heuristic_config(1, 4096, 4096, 128, torch.device(DEVICE))
+    cfg = int4_configs.heuristic_config(1, 4096, 4096, 128, torch.device(DEVICE))
     assert cfg.kind == "gemv" and cfg.split_k >= 1
