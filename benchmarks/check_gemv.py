@@ -23,7 +23,7 @@ served from L2; the median over replays, per launch. Bandwidth is weight bytes
 over time, against a measured 1 GiB device-to-device copy (bytes read plus
 written). Last: a table, the per-token sum over 32 layers + lm_head for
 F.linear and for the best GEMV (against the copy floor), a ``TUNED`` table to
-paste into framework/ops/triton_gemv.py, and one JSON line.
+paste into framework/ops/gemv_configs.py, and one JSON line.
 
     python benchmarks/check_gemv.py [--ms 1,2,4,8] [--reps 15] [--norm-ms 1] [--norm-only] [--out DIR]
 """
@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as a script
-from framework.ops import triton_activation, triton_gemv, triton_rmsnorm  # noqa: E402
+from framework.ops import gemv_configs, triton_activation, triton_gemv, triton_rmsnorm  # noqa: E402
 
-Config = triton_gemv.Config
+Config = gemv_configs.Config
 HIDDEN, INTER, VOCAB, LAYERS = 4096, 14336, 128256, 32
 SHAPES = {  # name -> (N, K, times per token)
     "qkv": (6144, HIDDEN, LAYERS),
@@ -69,12 +69,12 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[Config]:
         8: [(4, 256, 8)],
     }[triton_next_pow2(m)]
     dot = [(64, 128, 4, 4), (64, 256, 4, 3), (32, 256, 4, 4), (16, 256, 4, 4), (128, 128, 8, 3)]
-    out = [triton_gemv.heuristic_config(m, n, k, torch.device(DEVICE))]
+    out = [gemv_configs.heuristic_config(m, n, k, torch.device(DEVICE))]
     for bn, bk, warps in fma:
-        for split in sorted({1, triton_gemv.auto_split(n, k, bn, bk, sms), triton_gemv.auto_split(n, k, bn, bk, sms, 4.0)}):
+        for split in sorted({1, gemv_configs.auto_split(n, k, bn, bk, sms), gemv_configs.auto_split(n, k, bn, bk, sms, 4.0)}):
             out.append(Config(False, bn, bk, split, warps, 3))
     for bn, bk, warps, stages in dot:
-        for split in sorted({1, triton_gemv.auto_split(n, k, bn, bk, sms), triton_gemv.auto_split(n, k, bn, bk, sms, 4.0)}):
+        for split in sorted({1, gemv_configs.auto_split(n, k, bn, bk, sms), gemv_configs.auto_split(n, k, bn, bk, sms, 4.0)}):
             out.append(Config(True, bn, bk, split, warps, stages))
     return list(dict.fromkeys(out))
 
@@ -227,7 +227,7 @@ def sweep_norm(ms, sms, l2, reps, rows, failures):
 
             row = {"pair": pair, "m": m, "n": n, "k": k, "configs": {}}
             row["unfused_us"] = graph_time_us([lambda w=w: unfused_step(w) for w in ws], reps)
-            default = triton_gemv.NORM_TUNED.get((m, n, k)) or triton_gemv.choose_config(m, n, k, torch.device(DEVICE))
+            default = gemv_configs.NORM_TUNED.get((m, n, k)) or gemv_configs.choose_config(m, n, k, torch.device(DEVICE))
             row["default"] = str(default)
             for cfg in dict.fromkeys([default, *candidates(m, n, k, sms)]):
                 try:
@@ -267,7 +267,7 @@ def report_norm(rows) -> list:
         if name:
             tuned[(r["m"], r["n"], r["k"])] = name if us < r["unfused_us"] else None
         out.append({k: v for k, v in r.items() if k != "configs"} | {"default_us": dflt, "best": [name, us]})
-    print("NORM_TUNED = {  # paste into framework/ops/triton_gemv.py (bf16; None: norm + GEMV apart are faster)")
+    print("NORM_TUNED = {  # paste into framework/ops/gemv_configs.py (bf16; None: norm + GEMV apart are faster)")
     for (m, n, k), name in sorted(tuned.items()):
         if name is None:
             print(f"    ({m}, {n}, {k}): None,")
@@ -298,7 +298,7 @@ def report(rows, silu_rows, bw, ms, failures) -> dict:
     for r in rows:
         nbytes = r["n"] * r["k"] * 2
         name, us = best(r["configs"])
-        heur = str(triton_gemv.heuristic_config(r["m"], r["n"], r["k"], torch.device(DEVICE)))
+        heur = str(gemv_configs.heuristic_config(r["m"], r["n"], r["k"], torch.device(DEVICE)))
         heur_us = r["configs"].get(heur, {}).get("us", float("nan"))
         times = SHAPES[r["shape"]][2]
         per_token[r["m"]]["linear"] += times * r["linear_us"]
@@ -328,7 +328,7 @@ def report(rows, silu_rows, bw, ms, failures) -> dict:
             f"  MLP tail M={r['m']}: silu_and_mul+F.linear {r['silu_linear_us']:.1f} us, silu_and_mul+GEMV "
             f"{unf if unf is None else round(unf, 1)} us, fused {us:.1f} us ({name}){saves}"
         )
-    print("\nTUNED = {  # paste into framework/ops/triton_gemv.py (bf16, H200)")
+    print("\nTUNED = {  # paste into framework/ops/gemv_configs.py (bf16, H200)")
     for (m, n, k), name in sorted(tuned.items()):
         if name is None:
             print(f"    ({m}, {n}, {k}): None,  # F.linear is faster")

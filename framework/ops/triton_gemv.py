@@ -19,7 +19,7 @@ into ``split`` slices: each writes fp32 partial sums to a workspace
 ``[split, M, N]`` that a second kernel adds up with the bias (deterministic,
 no atomics, no memset). Every launch is device work on buffers sized by the
 shapes only, so it can be captured in a CUDA graph; configs come from a fixed
-table or a heuristic (never timed at run time).
+table or a heuristic (``framework.ops.gemv_configs``; never timed at run time).
 
 Arithmetic: products and sums in fp32 (fused multiply-adds: ``enable_fp_fusion``
 is set, Triton 3.10 turns it off by default), the bias added in fp32, the
@@ -45,14 +45,14 @@ it has been compiled and timed on a GPU (``benchmarks/check_gemv.py
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from framework.ops.split_k import arrival_counters, num_sms
+from framework.ops.gemv_configs import NORM_TUNED, SILU_TUNED, Config, choose_config, table_entry
+from framework.ops.split_k import arrival_counters
 
 MAX_M = 8  # the layers use the GEMV up to this many rows (tokens)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -256,102 +256,11 @@ def _sum_splits_kernel(
     tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# -- configs ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """How one (M, N, K) runs. ``split``: K slices (programs along grid axis 1) asked for."""
-
-    dot: bool
-    block_n: int
-    block_k: int
-    split: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def __str__(self) -> str:
-        kind = "dot" if self.dot else "fma"
-        return f"{kind}:n{self.block_n}:k{self.block_k}:s{self.split}:w{self.num_warps}:st{self.num_stages}"
-
-
-# Hand-picked configs by (M, N, K) for the shapes that matter (benchmarks/check_gemv.py prints a
-# table to paste here). None: F.linear measured faster there, the layers keep it. Keys absent:
-# heuristic_config.
-# Measured on one H200 (bf16, 2026-11-21, `benchmarks/check_gemv.py`; docs/benchmarks.md).
-TUNED: dict[tuple[int, int, int], Config | None] = {
-    (1, 4096, 4096): Config(False, 16, 512, 1, 8, 3),
-    (1, 4096, 14336): Config(False, 16, 512, 1, 8, 3),
-    (1, 6144, 4096): Config(False, 8, 512, 1, 4, 3),
-    (1, 28672, 4096): Config(False, 16, 256, 1, 4, 3),
-    (1, 128256, 4096): Config(True, 64, 128, 1, 4, 4),
-    (2, 4096, 4096): Config(True, 32, 256, 1, 4, 4),
-    (2, 4096, 14336): None,  # F.linear is faster
-    (2, 6144, 4096): Config(True, 64, 256, 1, 4, 3),
-    (2, 28672, 4096): None,
-    (2, 128256, 4096): Config(True, 64, 128, 1, 4, 4),
-    (4, 4096, 4096): Config(True, 32, 256, 1, 4, 4),
-    (4, 4096, 14336): None,
-    (4, 6144, 4096): Config(True, 64, 256, 1, 4, 3),
-    (4, 28672, 4096): None,
-    (4, 128256, 4096): Config(True, 128, 128, 1, 8, 3),
-    (8, 4096, 4096): Config(True, 32, 256, 1, 4, 4),
-    (8, 4096, 14336): None,
-    (8, 6144, 4096): Config(True, 64, 256, 1, 4, 3),
-    (8, 28672, 4096): None,
-    (8, 128256, 4096): Config(True, 128, 128, 1, 8, 3),
-}
-# The same for ``gemv_silu_mul`` (keyed by the down projection's (M, N, I)): fused wins at M = 1
-# (32.7 us against 37.7 for SiLU-mul + GEMV) and loses above (44.7 against 35.3 at M = 2).
-SILU_TUNED: dict[tuple[int, int, int], Config | None] = {
-    (1, 4096, 14336): Config(False, 16, 256, 3, 4, 3),
-    (2, 4096, 14336): None,
-    (4, 4096, 14336): None,
-    (8, 4096, 14336): None,
-}
-# The same for ``gemv_rmsnorm`` (keyed by the linear's (M, N, K)); keys absent: the plain GEMV's config
-# (``TUNED``, else the heuristic). Not measured yet: benchmarks/check_gemv.py's norm section prints entries
-# to paste here (None: RMSNorm + GEMV beat the fused kernel at that key, the layers keep them apart).
-NORM_TUNED: dict[tuple[int, int, int], Config | None] = {}
 # Elements a row that the RMSNorm statistics loop reads per step, over all BLOCK_M rows (registers bound it).
 NORM_STAT_ELEMS = 4096
 
 
-def auto_split(n: int, k: int, block_n: int, block_k: int, sms: int, waves: float = 2.0) -> int:
-    """K slices so that ``cdiv(n, block_n) * split`` reaches about ``waves * sms`` programs (1 when it does already)."""
-    tiles = triton.cdiv(n, block_n)
-    want = int(waves * sms)
-    if tiles >= want:
-        return 1
-    return max(1, min(triton.cdiv(want, tiles), triton.cdiv(k, block_k)))
-
-
-def heuristic_config(m: int, n: int, k: int, device: torch.device) -> Config:
-    """A config chosen without timing: fma for M <= 2, tensor cores above (small blocks on the CPU interpreter)."""
-    if device.type != "cuda":
-        return Config(dot=m > 2, block_n=16, block_k=64)
-    sms = num_sms(device)
-    if m <= 2:
-        bn, bk = (8, 512) if m == 1 else (8, 256)
-        return Config(False, bn, bk, auto_split(n, k, bn, bk, sms), 4, 3)
-    bn, bk = 64, 128
-    return Config(True, bn, bk, auto_split(n, k, bn, bk, sms), 4, 4)
-
-
-def choose_config(m: int, n: int, k: int, device: torch.device) -> Config:
-    return TUNED.get((m, n, k)) or heuristic_config(m, n, k, device)
-
-
 # -- the ops ---------------------------------------------------------------------------
-
-
-def _tuned(key: tuple[int, int, int], silu: bool, norm: bool) -> Config | None | bool:
-    """The table entry for an op at ``key`` (True when none)."""
-    if silu:
-        return SILU_TUNED.get(key, True)
-    if norm and key in NORM_TUNED:
-        return NORM_TUNED[key]
-    return TUNED.get(key, True)
 
 
 def applies(
@@ -371,7 +280,7 @@ def applies(
         and weight.shape[1] == k
         and (not silu or x.shape[-1] % 2 == 0)
         and (bias is None or (bias.dtype == x.dtype and bias.shape == weight.shape[:1]))
-        and _tuned((x.shape[:-1].numel(), weight.shape[0], k), silu, norm) is not None
+        and table_entry((x.shape[:-1].numel(), weight.shape[0], k), silu, norm) is not None
     )
 
 

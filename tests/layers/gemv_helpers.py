@@ -13,12 +13,12 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from framework.ops import triton_gemv  # noqa: E402
+from framework.ops import gemv_configs, triton_gemv  # noqa: E402
 
 if not torch.cuda.is_available() and "Interpreted" not in type(triton_gemv._gemv_kernel).__name__:
     triton_gemv = importlib.reload(triton_gemv)  # imported before the interpreter was asked for
 
-Config = triton_gemv.Config
+Config = gemv_configs.Config
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 REL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}

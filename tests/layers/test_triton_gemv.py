@@ -30,7 +30,7 @@ from gemv_helpers import (  # tests/layers/conftest.py puts this directory on sy
 )
 
 from framework import ops
-from framework.ops import split_k
+from framework.ops import gemv_configs, split_k
 from framework.layers import LayerContext, RowParallelLinear, SiluAndMul
 
 
@@ -123,9 +123,9 @@ def test_bad_input_names_the_field():
 
 def test_split_count():
     """Split-K only when the N tiles would not fill about two waves of the SMs."""
-    assert triton_gemv.auto_split(28672, 4096, 8, 512, sms=132) == 1
-    assert triton_gemv.auto_split(4096, 4096, 64, 128, sms=132) == 5  # 64 tiles -> 320 programs
-    assert triton_gemv.auto_split(64, 256, 64, 128, sms=132) == 2  # never more slices than K blocks
+    assert gemv_configs.auto_split(28672, 4096, 8, 512, sms=132) == 1
+    assert gemv_configs.auto_split(4096, 4096, 64, 128, sms=132) == 5  # 64 tiles -> 320 programs
+    assert gemv_configs.auto_split(64, 256, 64, 128, sms=132) == 2  # never more slices than K blocks
 
 
 # -- dispatch from the layers ---------------------------------------------------------
@@ -162,11 +162,11 @@ def test_linear_dispatch(gemv_calls):
     assert gemv_calls == ["gemv"] and out.shape == (2, 3, 40)
     check(out.reshape(6, 40), x.reshape(6, 72), layer.weight, layer.bias, torch.float32)
     layer(rand(9, 72, dtype=torch.float32, seed=9))  # over MAX_M: F.linear
-    triton_gemv.TUNED[(6, 40, 72)] = None  # measured slower than F.linear at this key: F.linear
+    gemv_configs.TUNED[(6, 40, 72)] = None  # measured slower than F.linear at this key: F.linear
     try:
         layer(x)
     finally:
-        del triton_gemv.TUNED[(6, 40, 72)]
+        del gemv_configs.TUNED[(6, 40, 72)]
     triton_gemv.set_enabled(False)  # FRAMEWORK_TRITON_GEMV=0: F.linear
     layer(x)
     assert gemv_calls == ["gemv"]

@@ -32,7 +32,7 @@ from gemv_helpers import (  # tests/layers/conftest.py puts this directory on sy
 )
 
 from framework import ops
-from framework.ops import split_k
+from framework.ops import gemv_configs, split_k
 from framework.layers import ColumnParallelLinear, LayerContext, RMSNorm
 from framework.layers.linear import UnquantizedLinearMethod
 
@@ -205,7 +205,7 @@ def test_then_linear_falls_back(gemv_calls, monkeypatch):
     triton_gemv.set_enabled(True, fuse_norm=False)  # FRAMEWORK_TRITON_GEMV_NORM=0
     run_unfused(linear)
     triton_gemv.set_enabled(True, fuse_norm=True)
-    monkeypatch.setitem(triton_gemv.NORM_TUNED, (3, n, k), None)  # measured slower than norm + GEMV there
+    monkeypatch.setitem(gemv_configs.NORM_TUNED, (3, n, k), None)  # measured slower than norm + GEMV there
     run_unfused(linear)
     assert gemv_calls == ["gemv"] * 4
     big = rand(9, k, dtype=dtype, seed=3)
@@ -213,7 +213,7 @@ def test_then_linear_falls_back(gemv_calls, monkeypatch):
     assert gemv_calls == ["gemv"] * 4 and new_residual is big
     check(out, norm._norm(big), linear.weight, linear.bias, dtype)
     triton_gemv.set_enabled(True)
-    monkeypatch.setitem(triton_gemv.NORM_TUNED, (3, n, k), FMA)
+    monkeypatch.setitem(gemv_configs.NORM_TUNED, (3, n, k), FMA)
     run_unfused(linear)
     assert gemv_calls[-1] == "gemv_rmsnorm"
 
