@@ -1,6 +1,8 @@
 """Per-step messages, worker specs, rank layout and the parallel-config checks (no processes)."""
 
 import logging
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +151,23 @@ def test_config_fields_are_validated():
         EngineConfig(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="distributed_executor_backend"):
         EngineConfig(distributed_executor_backend="slurm")
+
+
+def test_leaving_the_groups_is_bounded(monkeypatch):
+    """A teardown stuck in the backend (NCCL after a CUDA graph captured a collective, pytorch#115388)
+    must not hold up the shutdown: ``destroy`` gives up after its timeout and says so."""
+    from framework.distributed import parallel_state
+
+    stuck = threading.Event()
+    monkeypatch.setattr(parallel_state.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(parallel_state.dist, "destroy_process_group", lambda: stuck.wait(30))
+    state = object.__new__(parallel_state.ParallelState)
+    state.backend = "nccl"
+    start = time.monotonic()
+    try:
+        assert state.destroy(timeout_s=0.3) is False
+        assert time.monotonic() - start < 2
+    finally:
+        stuck.set()  # let the teardown thread end
+    monkeypatch.setattr(parallel_state.dist, "destroy_process_group", lambda: None)
+    assert state.destroy(timeout_s=5) is True
