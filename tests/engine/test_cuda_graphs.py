@@ -74,3 +74,17 @@ def test_enforce_eager_is_a_flag_and_the_cpu_never_captures(tmp_path):
     assert llm.engine.runner.graphs is None and not llm.engine.runner.use_cuda_graphs
     llm = framework.LLM(str(path), max_model_len=64, device="cpu")
     assert llm.engine.runner.graphs is None  # graphs are for CUDA devices
+
+
+def test_release_graphs_drops_them(tmp_path):
+    """Before leaving NCCL groups a rank drops its graphs (pytorch#115388); the engine then runs eagerly."""
+    path = make_tiny_model("LlamaForCausalLM", tmp_path / "m")
+    llm = framework.LLM(str(path), max_model_len=64, device="cpu")
+    runner = llm.engine.runner
+    runner.enable_decode_graphs()
+    assert runner.graphs is not None
+    runner.release_graphs()
+    assert runner.graphs is None
+    runner.release_graphs()  # twice is harmless
+    out = llm.generate([[5, 9, 13]], framework.SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
