@@ -6,7 +6,7 @@ A decode step of a TP model all-reduces the hidden states twice per layer
 replayed from a CUDA graph (the engine's decode path), and prints one JSON
 line per (world size, tokens): microseconds per call and per step.
 
-    python benchmarks/bench_allreduce.py --world-sizes 2 4 --hidden 8192 --layers 80 --tokens 1 256
+    python benchmarks/bench_allreduce.py --world-sizes 2 4 --hidden 8192 --layers 80 --tokens 1 256 [--impl nccl symm]
 
 The batch-1 floor of a TP model is its weight bytes per GPU / copy bandwidth
 plus this measured all-reduce time per step (``step_us`` at tokens=1).
@@ -44,6 +44,45 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def _nccl_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x)
+    return x
+
+
+def _time_impl(reduce, world: int, tokens: int, args, device: str) -> dict:
+    """Time ``2 x layers`` calls of ``reduce`` eagerly and from a CUDA graph; check a sum of ones first."""
+    calls = 2 * args.layers
+    ones = torch.ones((tokens, args.hidden), dtype=torch.bfloat16, device=device)
+    total = reduce(ones.clone())  # the sum must be right, not only fast
+    if not torch.all(total == world):
+        raise SystemExit(f"all-reduce of ones gave {total.flatten()[:4].tolist()}, not {world}")
+    x = torch.full((tokens, args.hidden), 1.0 / world, dtype=torch.bfloat16, device=device)
+
+    def run_calls() -> None:
+        for _ in range(calls):
+            reduce(x)
+
+    eager_s = _time(run_calls, args.repeats)
+    row = {
+        "tokens": tokens, "hidden": args.hidden, "calls_per_step": calls,
+        "eager_us_per_call": round(eager_s / calls * 1e6, 2), "eager_step_us": round(eager_s * 1e6, 1),
+    }  # fmt: skip
+    if not args.skip_graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            reduce(x)  # lazy set-up (NCCL's communicator) happens outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run_calls()
+        graph_s = _time(graph.replay, args.repeats)
+        graph = None  # NCCL's teardown can hang while a graph that captured collectives lives (pytorch#115388)
+        row.update(graph_us_per_call=round(graph_s / calls * 1e6, 2), graph_step_us=round(graph_s * 1e6, 1))
+    return row
+
+
 def _rank(rank: int, world: int, port: int, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available()
@@ -54,41 +93,22 @@ def _rank(rank: int, world: int, port: int, args) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         args.skip_graph = True
     device = "cuda" if cuda else "cpu"
-    calls = 2 * args.layers
-    for tokens in args.tokens:
-        x = torch.full((tokens, args.hidden), 1.0 / world, dtype=torch.bfloat16, device=device)
+    impls = {"nccl": _nccl_all_reduce}
+    if "symm" in args.impl:
+        from framework.distributed.symm_allreduce import SymmMemAllReduce
 
-        def run_calls() -> None:
-            for _ in range(calls):
-                dist.all_reduce(x)
-
-        eager_s = _time(run_calls, args.repeats)
-        x.fill_(1.0)
-        dist.all_reduce(x)  # the sum must be right, not only fast
-        if not torch.all(x == world):
-            raise SystemExit(f"rank {rank}: all-reduce of ones gave {x.flatten()[:4].tolist()}, not {world}")
-        graph_s = None
-        if not args.skip_graph:
-            x.fill_(1.0 / world)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                dist.all_reduce(x)  # NCCL's lazy set-up happens outside the capture
-            torch.cuda.current_stream().wait_stream(stream)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run_calls()
-            graph_s = _time(graph.replay, args.repeats)
-        if rank == 0:
-            row = {
-                "world_size": world, "tokens": tokens, "hidden": args.hidden, "calls_per_step": calls,
-                "eager_us_per_call": round(eager_s / calls * 1e6, 2), "eager_step_us": round(eager_s * 1e6, 1),
-            }  # fmt: skip
-            if graph_s is not None:
-                row.update(graph_us_per_call=round(graph_s / calls * 1e6, 2), graph_step_us=round(graph_s * 1e6, 1))
-            print(json.dumps(row), flush=True)
-        graph = None  # NCCL's teardown can hang while a graph that captured collectives lives (pytorch#115388)
+        try:
+            fast = SymmMemAllReduce(dist.group.WORLD, torch.device(device, rank) if cuda else torch.device(device))
+            impls["symm"] = lambda x: fast(x) if fast.fits(x) else _nccl_all_reduce(x)
+        except RuntimeError as exc:
+            if rank == 0:
+                print(json.dumps({"world_size": world, "impl": "symm", "skipped": str(exc)}), flush=True)
+    for name, reduce in impls.items():
+        if name in args.impl:
+            for tokens in args.tokens:
+                row = _time_impl(reduce, world, tokens, args, device)
+                if rank == 0:
+                    print(json.dumps({"world_size": world, "impl": name, **row}), flush=True)
     gc.collect()
     torch.cuda.synchronize() if cuda else None
     left = threading.Event()
@@ -106,6 +126,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 256])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-graph", action="store_true", help="time eager calls only")
+    parser.add_argument("--impl", nargs="+", default=["nccl"], choices=["nccl", "symm"],
+                        help="nccl: torch.distributed; symm: framework.distributed.symm_allreduce (one-shot, peer memory)")
     args = parser.parse_args()
     from framework.distributed.parallel_state import free_port
 

@@ -12,6 +12,8 @@
 #           (2 ranks), then the rooflines of 8B at TP=1/2 and 70B at TP=2
 #   tp4     all-reduce timing (4 ranks), the 70B roofline at TP=4, then the 70B
 #           shape at TP=4, then benchmarks/check_tensor_parallel.py
+# All-reduce timing covers NCCL and the peer-memory one-shot (symm_allreduce.py); the
+# floors add the one the engine uses (FRAMEWORK_SYMM_MEM_ALLREDUCE=1: the one-shot).
 # Each model run is `framework bench latency` at batch 1 (prompt 128, output
 # 128, CUDA graphs) and `framework bench throughput` on W1 (1000 requests,
 # prompts U[64, 1024], outputs U[16, 512]), bf16 dummy weights.
@@ -53,10 +55,11 @@ model() {  # model NAME GPUS TP SECONDS_LATENCY SECONDS_W1
 
 allreduce_us() {  # allreduce_us WORLD HIDDEN: the graphed batch-1 step time measured by bench_allreduce.py
     python3 - "$OUT/allreduce.jsonl" "$1" "$2" <<'EOF'
-import json, sys
+import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+impl = "symm" if os.environ.get("FRAMEWORK_SYMM_MEM_ALLREDUCE") == "1" else "nccl"  # what the engine uses
 hits = [r for r in rows if r.get("world_size") == int(sys.argv[2]) and r.get("hidden") == int(sys.argv[3])
-        and r.get("tokens") == 1 and "graph_step_us" in r]
+        and r.get("tokens") == 1 and "graph_step_us" in r and r.get("impl", "nccl") == impl]
 print(hits[-1]["graph_step_us"] if hits else 0.0)
 EOF
 }
@@ -76,9 +79,9 @@ rooflines() {  # rooflines GPU SHAPE:TP...
 
 allreduce() {  # allreduce GPUS WORLD
     CUDA_VISIBLE_DEVICES=$1 python3 benchmarks/bench_allreduce.py --world-sizes "$2" --hidden 4096 --layers 32 \
-        --tokens 1 256 2>&1 | grep '^{' >>"$OUT/allreduce.jsonl"
+        --tokens 1 256 --impl nccl symm 2>&1 | grep '^{' >>"$OUT/allreduce.jsonl"
     CUDA_VISIBLE_DEVICES=$1 python3 benchmarks/bench_allreduce.py --world-sizes "$2" --hidden 8192 --layers 80 \
-        --tokens 1 256 2>&1 | grep '^{' >>"$OUT/allreduce.jsonl"
+        --tokens 1 256 --impl nccl symm 2>&1 | grep '^{' >>"$OUT/allreduce.jsonl"
 }
 
 for p in $PHASES; do

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from framework.distributed import messages
+from framework.distributed.symm_allreduce import all_reduce, make_symm_all_reduce
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +181,8 @@ class ParallelState:
             group = dist.new_group(ranks, backend=self.backend) if layout.tp_size > 1 else None
             if layout.rank in ranks:
                 self.tp_group = group
+        # small all-reduces through peer memory, when FRAMEWORK_SYMM_MEM_ALLREDUCE=1 (symm_allreduce.py)
+        self.fast_all_reduce = make_symm_all_reduce(self.tp_group, device)
         self.pipeline = PipelineStage(layout, device) if layout.pp_size > 1 else None
         # logits: last stage's first rank -> the driver, on their own group so that waiting for them
         # never holds up the pipeline's activations (NCCL runs one communicator's operations in order)
@@ -211,10 +214,10 @@ class ParallelState:
         }
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the tensor-parallel group (in place; returns ``x``)."""
-        if self.tp_group is not None:
-            dist.all_reduce(x, group=self.tp_group)
-        return x
+        """Sum over the tensor-parallel group: ``x`` summed in place (NCCL, gloo), or a new tensor (peer memory)."""
+        if self.tp_group is None:
+            return x
+        return all_reduce(x, self.tp_group, self.fast_all_reduce)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate the tensor-parallel ranks' ``x`` along the last dim, in rank order."""
@@ -340,6 +343,7 @@ class ParallelState:
         """
         if not dist.is_initialized():
             return True
+        self.fast_all_reduce = None  # its symmetric-memory buffers go before the groups they were made for
         done = threading.Event()
 
         def leave() -> None:
