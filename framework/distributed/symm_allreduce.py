@@ -69,7 +69,7 @@ class SymmMemAllReduce:
         for dtype in DTYPES:  # allocation and rendezvous are collective: all dtypes up front, same order
             numel = max_bytes // torch.empty((), dtype=dtype).element_size()
             buffer = symm_mem.empty(numel, dtype=dtype, device=device)
-            symm_mem.rendezvous(buffer, group)
+            symm_mem.rendezvous(buffer, self.group_name)
             self.buffers[dtype] = buffer
 
     def fits(self, x: torch.Tensor) -> bool:
