@@ -2,9 +2,10 @@
 
 For each layout that fits the visible GPUs (TP=2, PP=2, TP=2 x PP=2), tiny
 float32 models (Llama GQA, Qwen2 with one KV head) generate greedily with
-logprobs, with decode CUDA graphs (the default; off for pipeline stages) and
-with ``enforce_eager``; the token ids must equal the one-GPU run's and every
-logprob must be within 1e-4. Then a TP=2 engine's worker is SIGKILLed while
+logprobs, with decode CUDA graphs (the default; off on pipeline stages
+unless ``FRAMEWORK_PP_CUDA_GRAPHS=1``) and with ``enforce_eager``, and
+with the opt-in switches (``OPT_IN``) on; the token ids must equal the
+one-GPU run's and every logprob must be within 1e-4. Then a TP=2 engine's worker is SIGKILLed while
 a request runs: the request must fail within 10 s with an error naming the
 rank, and no worker process may be left. Prints one line per check and
 exits non-zero on a failure.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+OPT_IN = ("FRAMEWORK_PP_CUDA_GRAPHS", "FRAMEWORK_SYMM_MEM_ALLREDUCE")  # checked here before they turn on
 PROMPTS = ["Hello, my name is", "The capital of France is " * 20, [5, 9, 100, 7, 42] * 30]
 
 
@@ -97,7 +99,10 @@ def main() -> int:
 
     gpus = torch.cuda.device_count()
     print(f"{gpus} GPUs: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
-    layouts = [(2, 1), (1, 2), (2, 2)]
+    layouts = [  # (tp, pp, opt-in switches set)
+        (2, 1, ()), (2, 1, ("FRAMEWORK_SYMM_MEM_ALLREDUCE",)), (1, 2, ()), (1, 2, ("FRAMEWORK_PP_CUDA_GRAPHS",)),
+        (2, 2, ()), (2, 2, OPT_IN),
+    ]  # fmt: skip
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         models = {
@@ -107,21 +112,27 @@ def main() -> int:
         for name, path in models.items() if "--kill-only" not in sys.argv else ():
             for eager in (False, True):
                 ref, ref_s, _ = run(path, enforce_eager=eager)
-                for tp, pp in layouts:
-                    if tp * pp > gpus:
+                for tp, pp, switches in layouts:
+                    if tp * pp > gpus or (switches and eager):
                         continue
+                    for switch in OPT_IN:  # the workers inherit the environment
+                        os.environ[switch] = "1" if switch in switches else "0"
                     got, seconds, graphs = run(
                         path, tensor_parallel_size=tp, pipeline_parallel_size=pp, enforce_eager=eager
                     )
                     same, worst = compare(ref, got)
-                    ok = same and worst < 1e-4
+                    pp_graphs = "FRAMEWORK_PP_CUDA_GRAPHS" in switches
+                    ok = same and worst < 1e-4 and graphs == (not eager and (pp == 1 or pp_graphs))
                     failures += not ok
                     print(
-                        f"{name} tp={tp} pp={pp} graphs={graphs}: ids equal {same}, max |dlogprob| {worst:.2e}, "
+                        f"{name} tp={tp} pp={pp} graphs={graphs} {' '.join(switches)}: ids equal {same}, "
+                        f"max |dlogprob| {worst:.2e}, "
                         f"{seconds:.2f} s vs {ref_s:.2f} s on one GPU -> {'ok' if ok else 'FAIL'}",
                         flush=True,
                     )
         if gpus >= 2:
+            for switch in OPT_IN:
+                os.environ.pop(switch, None)
             failures += not kill_check(models["llama-gqa"])
     print("all ok" if not failures else f"{failures} failures")
     return 1 if failures else 0

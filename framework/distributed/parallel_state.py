@@ -114,6 +114,7 @@ class PipelineStage:
         self.layout = layout
         self.device = device
         self.pp_rank, self.pp_size = layout.pp_rank, layout.pp_size
+        self.graph_io: StageGraphIO | None = None  # set while DecodeGraphs warms up and captures
 
     @property
     def is_first(self) -> bool:
@@ -133,14 +134,47 @@ class PipelineStage:
         return self.pp_rank * num_layers // self.pp_size, (self.pp_rank + 1) * num_layers // self.pp_size
 
     def send(self, tensor: torch.Tensor) -> None:
-        """Hand this stage's output to the next stage."""
-        dist.send(tensor.contiguous(), dst=self.layout.peer_in_stage(self.pp_rank + 1))
+        """Hand this stage's output to the next stage (while a decode graph is made: the graph's output)."""
+        if self.graph_io is not None:
+            self.graph_io.outbox[self.graph_io.size] = tensor  # the runner sends it after each replay
+            return
+        self.send_now(tensor)
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The previous stage's output (what it passed to ``send``)."""
+        """The previous stage's output (what it passed to ``send``); while a decode graph is made, the
+        graph's static input, which the runner receives into before each replay."""
+        if self.graph_io is not None:
+            return self.graph_io.inbox_for(shape, dtype, self.device)
         out = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.recv(out, src=self.layout.peer_in_stage(self.pp_rank - 1))
+        self.recv_into(out)
         return out
+
+    def send_now(self, tensor: torch.Tensor) -> None:
+        dist.send(tensor.contiguous(), dst=self.layout.peer_in_stage(self.pp_rank + 1))
+
+    def recv_into(self, out: torch.Tensor) -> None:
+        dist.recv(out, src=self.layout.peer_in_stage(self.pp_rank - 1))
+
+
+class StageGraphIO:
+    """A pipeline stage's activations in its decode CUDA graphs (``DecodeGraphs``).
+
+    While a graph of bucket ``size`` is warmed up and captured, the model's
+    ``recv`` returns ``inbox[size]`` (a buffer the graph reads) and its
+    ``send`` records the tensor to send as ``outbox[size]`` (a buffer the
+    graph writes). On replay the runner receives into the inbox first and
+    sends the outbox after, eagerly: no point-to-point operation is captured.
+    """
+
+    def __init__(self):
+        self.size = 0  # the bucket being made
+        self.inbox: dict[int, torch.Tensor] = {}
+        self.outbox: dict[int, torch.Tensor] = {}
+
+    def inbox_for(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.size not in self.inbox:  # at warm-up, outside the capture
+            self.inbox[self.size] = torch.zeros(shape, dtype=dtype, device=device)
+        return self.inbox[self.size]
 
 
 class ParallelState:

@@ -32,6 +32,16 @@ split count per bucket from ``max_model_len``. Any split count is correct
 for any length (the kernel derives each split's range from the row's own
 length); a fixed one only costs empty splits on short sequences.
 
+Pipeline stages: a stage's forward receives its input from the previous
+stage and sends its output on. While a bucket is warmed up and captured, the
+stage's ``recv`` returns a static input buffer of that bucket and its
+``send`` records the graph's output (``StageGraphIO``). On replay the stage
+receives into the input buffer, replays, and sends the output, eagerly,
+outside the graph. Every stage takes the same bucket for a step (the same
+batch), so the buffers sent and received have the same shape. Off unless
+``FRAMEWORK_PP_CUDA_GRAPHS=1`` until checked on GPUs
+(``benchmarks/check_tensor_parallel.py``).
+
 Only backends with ``supports_cuda_graphs`` get here (see
 ``framework.attention.AttentionBackend``). On a device other than CUDA the
 same code runs the forward eagerly on the static buffers instead of
@@ -40,6 +50,7 @@ replaying (tests use that to check the padding on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -72,12 +83,20 @@ class DecodeGraphs:
         max_model_len: longest sequence (block-table width, split count).
         block_size: tokens per KV-cache block.
         device: the model's device.
+        pipeline: this rank's ``PipelineStage`` when there are several (see "Pipeline stages" above).
     """
 
-    def __init__(self, model, backend, max_num_seqs: int, max_model_len: int, block_size: int, device):
+    def __init__(self, model, backend, max_num_seqs: int, max_model_len: int, block_size: int, device,
+                 pipeline=None):  # fmt: skip
         self.model = model
         self.backend = backend
         self.device = device
+        self.pipeline = pipeline if device.type == "cuda" else None  # CPU: the forward's own send/recv
+        self._io = None
+        if self.pipeline is not None:
+            from framework.distributed.parallel_state import StageGraphIO
+
+            self._io = StageGraphIO()
         self.sizes = capture_sizes(max_num_seqs)
         self.max_size = self.sizes[-1]
         self.max_model_len = max_model_len
@@ -113,10 +132,11 @@ class DecodeGraphs:
         free_before = torch.cuda.mem_get_info(self.device)[0]
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
-            self._forward(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._hidden[size] = self._forward(size)
+            with self._stage_io(size):
+                self._forward(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._hidden[size] = self._forward(size)
             self._graphs[size] = graph
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
@@ -161,8 +181,26 @@ class DecodeGraphs:
         graph = self._graphs.get(size)
         if graph is None:  # not captured (CPU): the same forward, eagerly
             return self._forward(size)[:n]
+        stage = self.pipeline
+        if stage is not None and not stage.is_first:
+            stage.recv_into(self._io.inbox[size])  # the previous stage's bucket of the same size
         graph.replay()
+        if stage is not None and not stage.is_last:
+            stage.send_now(self._io.outbox[size])
         return self._hidden[size][:n]
+
+    @contextlib.contextmanager
+    def _stage_io(self, size: int):
+        """While bucket ``size`` is made, the stage's recv/send use its static buffers."""
+        if self.pipeline is None:
+            yield
+            return
+        self._io.size = size
+        self.pipeline.graph_io = self._io
+        try:
+            yield
+        finally:
+            self.pipeline.graph_io = None
 
     def _write_padding(self, start: int, stop: int) -> None:
         """Rows ``start..stop-1`` become padding: id 0, position 0, slot -1, seq_len 0."""
