@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/bench_tp.sh OUT_DIR [PHASE ...]
 #
-# Phases (default: all, in this order). Jobs inside a phase run at the same
+# Phases (default: small tp2 tp4, in this order). Jobs inside a phase run at the same
 # time on disjoint GPUs (CUDA_VISIBLE_DEVICES); each job has its own time
 # limit and log under OUT_DIR:
 #   small   GPUs 0,1: Llama-3-8B shape at TP=2 | GPU 2: the same at TP=1 |
@@ -12,6 +12,10 @@
 #           (2 ranks), then the rooflines of 8B at TP=1/2 and 70B at TP=2
 #   tp4     all-reduce timing (4 ranks), the 70B roofline at TP=4, then the 70B
 #           shape at TP=4, then benchmarks/check_tensor_parallel.py
+#   optin   benchmarks/check_tensor_parallel.py (it runs the opt-in switches), all-reduce
+#           timing (4 ranks), then batch-1 latency with and without each switch: the 70B
+#           shape at TP=4 and the 8B shape at TP=2 (FRAMEWORK_SYMM_MEM_ALLREDUCE), the 8B
+#           shape at PP=2 (FRAMEWORK_PP_CUDA_GRAPHS)
 # All-reduce timing covers NCCL and the peer-memory one-shot (symm_allreduce.py); the
 # floors add the one the engine uses (FRAMEWORK_SYMM_MEM_ALLREDUCE=1: the one-shot).
 # Each model run is `framework bench latency` at batch 1 (prompt 128, output
@@ -20,7 +24,7 @@
 set -u
 OUT=${1:?usage: bench_tp.sh OUT_DIR [PHASE ...]}
 shift
-PHASES=${*:-small tp2 tp4}
+PHASES=${*:-small tp2 tp4}  # optin: on request only
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -44,12 +48,17 @@ job() {  # job NAME GPUS SECONDS COMMAND...: run on those GPUs, log to OUT/NAME.
     echo "=== $name (GPUs $gpus): rc=$? in $((SECONDS - start)) s: $*"
 }
 
-model() {  # model NAME GPUS TP SECONDS_LATENCY SECONDS_W1
-    local name=$1 gpus=$2 tp=$3 shape=/tmp/$4
-    job "${name}_latency" "$gpus" "$5" python3 -m framework bench latency "$shape" "${ENGINE[@]}" \
-        --tensor-parallel-size "$tp" --batch-sizes 1 --input-len 128 --output-len 128 --num-iters 3 \
-        --output-json "$OUT/${name}_latency.json"
-    job "${name}_w1" "$gpus" "$6" python3 -m framework bench throughput "$shape" "${ENGINE[@]}" "${W1[@]}" \
+latency() {  # latency NAME GPUS SECONDS SHAPE [ENGINE ARGS...]: batch-1 decode, prompt 128, output 128
+    local name=$1 gpus=$2 limit=$3 shape=/tmp/$4
+    shift 4
+    job "${name}_latency" "$gpus" "$limit" python3 -m framework bench latency "$shape" "${ENGINE[@]}" "$@" \
+        --batch-sizes 1 --input-len 128 --output-len 128 --num-iters 3 --output-json "$OUT/${name}_latency.json"
+}
+
+model() {  # model NAME GPUS TP SHAPE SECONDS_LATENCY SECONDS_W1
+    local name=$1 gpus=$2 tp=$3 shape=$4
+    latency "$name" "$gpus" "$5" "$shape" --tensor-parallel-size "$tp"
+    job "${name}_w1" "$gpus" "$6" python3 -m framework bench throughput "/tmp/$shape" "${ENGINE[@]}" "${W1[@]}" \
         --tensor-parallel-size "$tp" --output-json "$OUT/${name}_w1.json"
 }
 
@@ -102,11 +111,28 @@ for p in $PHASES; do
         rooflines 0 llama3-70b:4
         model llama70b_tp4 0,1,2,3 4 llama3-70b 150 200
         job check_tp 0,1,2,3 240 python3 benchmarks/check_tensor_parallel.py ;;
+    optin) # the opt-in switches: correctness (check_tensor_parallel runs them), then what they buy at batch 1
+        job check_tp 0,1,2,3 300 python3 benchmarks/check_tensor_parallel.py
+        allreduce 0,1,2,3 4
+        latency llama70b_tp4_nccl 0,1,2,3 150 llama3-70b --tensor-parallel-size 4
+        FRAMEWORK_SYMM_MEM_ALLREDUCE=1 latency llama70b_tp4_symm 0,1,2,3 150 llama3-70b --tensor-parallel-size 4
+        {
+            latency llama8b_tp2_nccl 0,1 120 llama3-8b --tensor-parallel-size 2
+            FRAMEWORK_SYMM_MEM_ALLREDUCE=1 latency llama8b_tp2_symm 0,1 120 llama3-8b --tensor-parallel-size 2
+        } &
+        {
+            latency llama8b_pp2_eager 2,3 120 llama3-8b --pipeline-parallel-size 2
+            FRAMEWORK_PP_CUDA_GRAPHS=1 latency llama8b_pp2_graphs 2,3 120 llama3-8b --pipeline-parallel-size 2
+        } &
+        wait ;;
     *) echo "unknown phase $p" ;;
     esac
     echo "=== phase $p: $((SECONDS - start)) s"
 done
-for f in "$OUT"/*_latency.json "$OUT"/*_w1.json; do [ -f "$f" ] && echo "$f: $(head -c 600 "$f")"; done
+for f in "$OUT"/*_latency.json "$OUT"/*_w1.json; do
+    [ -f "$f" ] && python3 -c "import json, sys; d = json.load(open(sys.argv[1])); d.pop('engine', None); \
+print(sys.argv[1], json.dumps(d))" "$f"
+done
 cat "$OUT"/allreduce.jsonl "$OUT"/roofline.jsonl 2>/dev/null
 grep -h "^{" "$OUT"/peer.log 2>/dev/null | tail -5
 tail -12 "$OUT"/check_tp.log 2>/dev/null
