@@ -108,7 +108,8 @@ def _rank(rank: int, world: int, port: int, args) -> None:
             for tokens in args.tokens:
                 row = _time_impl(reduce, world, tokens, args, device)
                 if rank == 0:
-                    print(json.dumps({"world_size": world, "impl": name, **row}), flush=True)
+                    nccl_env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}  # tuning knobs tried
+                    print(json.dumps({"world_size": world, "impl": name, **row, "nccl_env": nccl_env}), flush=True)
     gc.collect()
     torch.cuda.synchronize() if cuda else None
     left = threading.Event()
