@@ -32,12 +32,19 @@ OPT_IN = ("FRAMEWORK_PP_CUDA_GRAPHS", "FRAMEWORK_SYMM_MEM_ALLREDUCE")  # checked
 PROMPTS = ["Hello, my name is", "The capital of France is " * 20, [5, 9, 100, 7, 42] * 30]
 
 
-def run(path: Path, **settings):
+def _device_settings(device: str) -> dict:
+    """On the CPU (``check_ray.py --device cpu``) a small fixed KV pool instead of memory profiling."""
+    return {"device": device, **({"kv_cache_memory": 1 << 24} if device == "cpu" else {})}
+
+
+def run(path: Path, device: str = "cuda", **settings):
+    """Greedy ids and logprobs of ``PROMPTS`` (x4), the seconds it took, and whether decode graphs were on."""
     import framework
 
     llm = framework.LLM(
-        str(path), dtype="float32", max_model_len=512, max_num_batched_tokens=128, device="cuda", **settings
-    )
+        str(path), dtype="float32", max_model_len=512, max_num_batched_tokens=128, **_device_settings(device),
+        **settings,
+    )  # fmt: skip
     params = framework.SamplingParams(temperature=0, max_tokens=40, logprobs=2)
     try:
         start = time.perf_counter()
@@ -62,11 +69,13 @@ def compare(ref, got) -> tuple[bool, float]:
     return same, worst
 
 
-def kill_check(path: Path) -> bool:
+def kill_check(path: Path, device: str = "cuda", **settings) -> bool:
+    """A TP=2 engine whose rank-1 worker is SIGKILLed mid-request: the request fails naming the rank, fast."""
     import framework
     from framework.distributed import WorkerDiedError
 
-    llm = framework.LLM(str(path), dtype="float32", max_model_len=2048, device="cuda", tensor_parallel_size=2)
+    llm = framework.LLM(str(path), dtype="float32", max_model_len=2048, tensor_parallel_size=2,
+                        **_device_settings(device), **settings)  # fmt: skip
     errors: list = []
 
     def generate():

@@ -269,8 +269,7 @@ class MultiprocExecutor:
             if exited:
                 rank, proc = exited[0]
                 if not self.closed:
-                    how = proc.describe_exit() if hasattr(proc, "describe_exit") else _exit_reason(proc.returncode)
-                    self._mark_dead(f"worker rank {rank} (pid {proc.pid}) died: {how}")
+                    self._mark_dead(f"worker rank {rank} (pid {proc.pid}) died: {_exit_reason(proc)}")
                 return
             if once:
                 return
@@ -347,7 +346,12 @@ def _rendezvous(config: EngineConfig, launcher: str, world: int) -> tuple[int, i
     return 0, 0, f"tcp://{address}:{free_port(host)}"
 
 
-def _exit_reason(code: int | None) -> str:
+def _exit_reason(proc) -> str:
+    """How a worker ended: a process's exit code or signal, or what its handle says (``RayWorker``)."""
+    describe = getattr(proc, "describe_exit", None)
+    if describe is not None:
+        return describe()
+    code = proc.returncode
     if code is None:
         return "still running"
     if code < 0:
