@@ -39,8 +39,8 @@ from framework.layers.linear import UnquantizedLinearMethod
 EPS = 1e-5
 
 
-def make_norm(k, dtype, seed=11):
-    norm = RMSNorm(k, EPS, LayerContext(dtype=dtype, device=DEVICE))
+def make_norm(k, dtype, seed=11, device=DEVICE):
+    norm = RMSNorm(k, EPS, LayerContext(dtype=dtype, device=device))
     w = torch.rand(k, generator=torch.Generator().manual_seed(seed)) + 0.5
     norm.weight.data.copy_(w.to(norm.weight.dtype))
     return norm
@@ -221,7 +221,7 @@ def test_then_linear_falls_back(gemv_calls, monkeypatch):
 def test_then_linear_on_cpu_is_the_torch_code():
     """CPU tensors: RMSNorm then the linear, exactly (no Triton)."""
     k, n, dtype = 32, 16, torch.float32
-    norm = make_norm(k, dtype)
+    norm = make_norm(k, dtype, device="cpu")
     linear = ColumnParallelLinear(k, n, True, LayerContext(dtype=dtype))
     linear.weight.data.normal_(generator=torch.Generator().manual_seed(0))
     linear.bias.data.normal_(generator=torch.Generator().manual_seed(1))
