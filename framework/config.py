@@ -75,6 +75,12 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(
         False, description="never capture CUDA graphs: run every step eagerly (graphs need a backend that supports them)"
     )
+    async_scheduling: bool | None = Field(
+        None,
+        description="schedule and launch the next decode step before the host has processed the current one's "
+        "tokens, so the GPU never waits for the host (the tokens of a request that stopped meanwhile are dropped); "
+        "none: on for one process on CUDA, off otherwise",
+    )
     tensor_parallel_size: int = Field(
         1, ge=1, description="tensor-parallel ranks: one process per device (weights and attention heads split)"
     )

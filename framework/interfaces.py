@@ -127,7 +127,13 @@ class DecodingStrategy:
     ``fanout``; ``max_width`` (the most live sequences at once, counted
     against ``max_num_seqs``); ``num_top_logprobs`` (top logprobs each of its
     rows needs from the sampler); ``uses_processed_logprobs`` (its rows'
-    logprobs come from the processed logits, see ``SamplingMetadata``).
+    logprobs come from the processed logits, see ``SamplingMetadata``);
+    ``supports_async_scheduling``: after the first sample, ``step`` only
+    appends one token to each sequence (``ops.append``: no fork, ``keep`` or
+    ``finish``), so the engine may run the next decode step before ``step``
+    has seen this one's tokens (``EngineConfig.async_scheduling``: the tokens
+    of a sequence that stopped meanwhile are dropped, never passed to
+    ``step``).
     """
 
     name: ClassVar[str] = ""
@@ -135,6 +141,7 @@ class DecodingStrategy:
     max_width: int = 1
     num_top_logprobs: int = 0
     uses_processed_logprobs: bool = False
+    supports_async_scheduling: bool = False
 
     def __init__(self, params: Any, ops: SequenceOps):
         self.params = params

@@ -134,7 +134,8 @@ def _engine_settings(llm) -> dict:
     return {
         "model": config.model, "dtype": str(engine.model_config.dtype).removeprefix("torch."),
         "device": str(engine.device), "attention_backend": engine.runner.backend.name,
-        "cuda_graphs": engine.runner.graphs is not None, "max_num_seqs": config.max_num_seqs,
+        "cuda_graphs": getattr(engine.runner, "graphs", None) is not None,
+        "async_scheduling": engine.async_scheduling, "max_num_seqs": config.max_num_seqs,
         "max_num_batched_tokens": config.max_num_batched_tokens, "max_model_len": engine.model_config.max_model_len,
         "num_kv_blocks": engine.num_blocks, "block_size": config.block_size,
     }  # fmt: skip

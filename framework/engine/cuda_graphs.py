@@ -163,8 +163,11 @@ class DecodeGraphs:
 
     # -- replay -----------------------------------------------------------------
 
-    def run(self, prepared: PreparedBatch) -> torch.Tensor:
-        """The step's hidden states ``[n, hidden]`` (row i = sequence i), by graph replay."""
+    def run(self, prepared: PreparedBatch, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's hidden states ``[n, hidden]`` (row i = sequence i), by graph replay.
+
+        ``input_ids``: the ``n`` token ids as a device tensor, copied over the uploaded ones (a step
+        that follows one still in flight); None: ``prepared.input_ids``."""
         n = len(prepared.seqs)
         size = self.sizes[self._bucket_of[n]]
         m = self.max_size
@@ -178,6 +181,8 @@ class DecodeGraphs:
         self._tables.writable().reshape(m, self.width)[:n, :width] = prepared.block_tables
         self._write_padding(n, size)
         self._upload(size)
+        if input_ids is not None:
+            self._tokens.device[:n].copy_(input_ids)
         graph = self._graphs.get(size)
         if graph is None:  # not captured (CPU): the same forward, eagerly
             return self._forward(size)[:n]

@@ -108,6 +108,36 @@ def prepare_batch(batch: ScheduledBatch, block_size: int) -> PreparedBatch:
     )
 
 
+def prepare_continuation(seqs: list[Sequence], block_size: int) -> PreparedBatch:
+    """A pure-decode step that follows a step still in flight (async scheduling, ``LLMEngine``).
+
+    Each sequence's last sampled token is not on the host yet: this step
+    computes it at position ``num_tokens`` (the in-flight step computes
+    ``num_tokens - 1``) and samples the one after. ``input_ids`` are zeros
+    here; the runner fills them on the device from the in-flight step's
+    sampled tokens. The blocks must hold ``num_tokens + 1`` tokens.
+    """
+    n = len(seqs)
+    positions = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=n)
+    width = max(1, max(len(s.block_ids) for s in seqs))
+    pad = [0] * width
+    block_tables = np.array([s.block_ids + pad[len(s.block_ids) :] for s in seqs], dtype=np.int32).reshape(n, width)
+    rows = np.arange(n)
+    slot_mapping = block_tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    return PreparedBatch(
+        seqs=list(seqs),
+        input_ids=np.zeros(n, dtype=np.int64),
+        positions=positions,
+        slot_mapping=slot_mapping,
+        block_tables=block_tables,
+        seq_lens=(positions + 1).astype(np.int32),
+        query_start_loc=np.arange(n + 1, dtype=np.int32),
+        num_decodes=n,
+        logits_indices=rows.astype(np.int64),
+        sample_seqs=list(seqs),
+    )
+
+
 def _fork_rows(batch: ScheduledBatch, sample_seqs: list[Sequence]) -> np.ndarray | None:
     """Append the children forked this step to ``sample_seqs``; each samples from its parent's row."""
     if not batch.forks:

@@ -20,10 +20,13 @@ from collections import deque
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from framework.config import EngineConfig
 from framework.distributed.executor import make_executor
+from framework.engine.input_batch import prepare_continuation
+from framework.engine.model_runner import LaunchedStep
 from framework.engine.output_processor import OutputProcessor
 from framework.engine.request_params import check_params, seed_generators
 from framework.engine.scheduler import ScheduledBatch
@@ -59,6 +62,7 @@ class LLMEngine:
         self.registries: Registries = load_registries(config.plugins.disable)
         self.device = _resolve_device(config.device)
         free_before = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+        self.async_scheduling = self._async_scheduling_wanted()  # before any worker starts: it may refuse
         self.model_config = self._model_config()
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_config.path)
         torch.manual_seed(config.seed)  # the random state of requests without a seed
@@ -75,6 +79,7 @@ class LLMEngine:
         # the first virtual engine's (the only one without pipeline stages)
         self.kv, self.scheduler = self.virtual_engines[0].kv, self.virtual_engines[0].scheduler
         self._in_flight: deque[tuple[VirtualEngine, ScheduledBatch, object]] = deque()  # oldest first
+        self._pending: tuple[ScheduledBatch, LaunchedStep] | None = None  # async: the step in flight
         self._num_steps = 0
         self.outputs = OutputProcessor(self.tokenizer, self.model_config.eos_token_ids, self.model_config.max_model_len)
         self._groups: dict[str, SequenceGroup] = {}
@@ -109,6 +114,22 @@ class LLMEngine:
             kv_cache_dtype=config.kv_cache_dtype,
             eos_token_ids=load_generation_eos(path, hf_config),
         )
+
+    def _async_scheduling_wanted(self) -> bool:
+        config = self.config
+        one_process = config.tensor_parallel_size == 1 and config.pipeline_parallel_size == 1
+        if config.async_scheduling is None:
+            wanted = one_process and self.device.type == "cuda"
+        elif config.async_scheduling and not one_process:
+            raise ValueError(
+                "async_scheduling=True needs tensor_parallel_size=1 and pipeline_parallel_size=1 (got "
+                f"{config.tensor_parallel_size} and {config.pipeline_parallel_size}): with several ranks the "
+                "sampled tokens would have to reach every rank first"
+            )
+        else:
+            wanted = config.async_scheduling
+        logger.info("async scheduling %s", "on" if wanted else "off")
+        return wanted
 
     def _num_kv_blocks(self, free_before: int) -> int:
         config, mc = self.config, self.model_config
@@ -223,8 +244,12 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        """Requests not finished, or batches still in the pipeline (``step`` collects them)."""
-        return bool(self._in_flight) or any(ve.scheduler.has_unfinished() for ve in self.virtual_engines)
+        """Requests not finished, or batches still in the pipeline or in flight (``step`` collects them)."""
+        return (
+            bool(self._in_flight)
+            or self._pending is not None
+            or any(ve.scheduler.has_unfinished() for ve in self.virtual_engines)
+        )
 
     def get_num_unfinished_requests(self) -> int:
         return sum(ve.num_unfinished() for ve in self.virtual_engines)
@@ -254,6 +279,8 @@ class LLMEngine:
         """
         if len(self.virtual_engines) > 1:
             return self._pipelined_step(final_only)
+        if self.async_scheduling:
+            return self._async_step(final_only)
         batch = self.scheduler.schedule()
         dropped = [self._drop_unfittable(self.kv, group) for group in batch.unfittable]
         if not batch.seqs:
@@ -268,6 +295,129 @@ class LLMEngine:
             self.kv.reset_prefix_cache()
             raise
         return dropped + self._apply(self.scheduler, batch, result, final_only)
+
+    # -- async scheduling ----------------------------------------------------------
+
+    def _async_step(self, final_only: bool) -> list[RequestOutput]:
+        """One step with the next decode step queued before this one's tokens reach the host.
+
+        With a step S in flight, the next step S' -- the same sequences, one
+        token further -- is launched first (its input tokens are S's samples,
+        read on the device), and only then does the host wait for S's results
+        and apply them, while the GPU runs S'. A sequence that S ends (EOS, a
+        stop string) has one token computed in S' for nothing: it is dropped.
+        Sequences that reach max_tokens or max_model_len with S's token are
+        left out of S'. The pipeline stops (S is applied and the next call
+        schedules normally) whenever the scheduler has other work: a request
+        waiting or swapped out, a request that is not decoding, or one that
+        needs the host between steps (logits processors, penalties, a
+        strategy without ``supports_async_scheduling``), or the pool has no
+        room for S'. Outputs therefore come one call later than without it.
+        """
+        if self._pending is None:
+            batch = self.scheduler.schedule()
+            dropped = [self._drop_unfittable(self.kv, group) for group in batch.unfittable]
+            if not batch.seqs:
+                if batch.swap_out:
+                    self.runner.execute(batch)
+                return dropped
+            _mark_scheduled(batch)
+            launched = self._guarded(self.runner.launch, batch)
+            if self._continuable(batch):
+                self._pending = (batch, launched)
+                return dropped
+            return dropped + self._apply(self.scheduler, batch, self.runner.fetch(launched), final_only)
+        batch, launched = self._pending
+        self._pending = None
+        following = self._launch_continuation(batch, launched)
+        try:
+            result = self.runner.fetch(launched)
+        except BaseException:
+            self.kv.reset_prefix_cache()
+            raise
+        outputs = self._apply(self.scheduler, batch, result, final_only, skip_aborted=True)
+        if following is not None:
+            self._pending = following
+            self._name_filled_blocks(following[0])
+        return outputs
+
+    def _guarded(self, fn, *args):
+        """``fn(*args)``; when it fails, the blocks it was to fill may be named in the prefix cache already."""
+        try:
+            return fn(*args)
+        except BaseException:
+            self.kv.reset_prefix_cache()
+            raise
+
+    def _continuable(self, batch: ScheduledBatch) -> bool:
+        """Whether the step after ``batch`` can be launched before ``batch``'s tokens are known: a pure
+        decode of every running request, each one's sampling needing nothing from the host."""
+        if batch.forks or batch.swap_out or self.scheduler.waiting or self.scheduler.swapped:
+            return False
+        if any(n != 1 for n in batch.num_new_tokens):
+            return False
+        # Every live sequence of a running request is in the batch (the batch's others have stopped).
+        if sum(group.num_live_seqs() for group in self.scheduler.running) != sum(
+            not seq.is_finished for seq in batch.seqs
+        ):
+            return False
+        for group in batch.groups:
+            if not getattr(group.strategy, "supports_async_scheduling", False):
+                return False
+            if group.params.processes_logits or group.needs_prompt_logprobs:
+                return False
+        return True
+
+    def _launch_continuation(self, batch: ScheduledBatch, launched) -> tuple[ScheduledBatch, object] | None:
+        """Launch the step after ``batch`` (in flight) when the scheduler has nothing else to do."""
+        if not self._continuable(batch):
+            return None
+        groups = self._groups
+        max_model_len = self.model_config.max_model_len
+        seqs, next_groups = [], []
+        for group in self.scheduler.running:
+            if groups.get(group.request_id) is not group or group.is_finished():
+                continue
+            kept = False
+            for seq in group.live_seqs():
+                # Left out: a sequence that ends by length with the token in flight.
+                max_tokens = seq.params.max_tokens
+                if max_tokens is not None and seq.num_output_tokens + 1 >= max_tokens:
+                    continue
+                if seq.num_tokens + 1 >= max_model_len:
+                    continue
+                seqs.append(seq)
+                kept = True
+            if kept:
+                next_groups.append(group)
+        if not seqs:
+            return None
+        # Room for the token in flight and the one this step samples; nothing is undone on failure:
+        # blocks already taken are the ones the sequence needs next anyway.
+        if not all(self.kv.allocate_slots(seq, 2) for seq in seqs):
+            self.kv.take_copies()  # none can be pending here: the write blocks are private already
+            return None
+        copies = self.kv.take_copies()
+        prepared = prepare_continuation(seqs, self.kv.block_size)
+        previous = launched.prepared.sample_seqs
+        if len(previous) >= len(seqs) and all(a is b for a, b in zip(previous, seqs)):
+            rows = None
+        else:
+            row_of = {id(s): i for i, s in enumerate(previous)}
+            rows = np.fromiter((row_of[id(s)] for s in seqs), dtype=np.int64, count=len(seqs))
+        following = self._guarded(self.runner.launch_continuation, prepared, copies, launched, rows)
+        return ScheduledBatch(seqs=seqs, num_new_tokens=[1] * len(seqs), groups=next_groups), following
+
+    def _name_filled_blocks(self, batch: ScheduledBatch) -> None:
+        """Prefix caching: name the blocks that the step in flight fills, now that their tokens are known
+        (the scheduler names a step's blocks when it plans it; a continuation's last token was unknown)."""
+        kv = self.kv
+        if kv.cache is None:
+            return
+        bs = kv.block_size
+        for seq in batch.seqs:
+            if not seq.is_finished and (seq.num_computed_tokens + 1) // bs > seq.num_cached_blocks:
+                kv.cache_full_blocks(seq, seq.num_computed_tokens + 1)
 
     def _pipelined_step(self, final_only: bool) -> list[RequestOutput]:
         """Schedule on the next virtual engine and submit; apply the oldest batch once M are in flight."""
@@ -322,7 +472,10 @@ class LLMEngine:
             if not skip_aborted or groups.get(group.request_id) is group:
                 self.outputs.prompt_logprobs(group, entries)
         outputs, finished = [], []
-        for group, samples in _by_request(result.samples):
+        samples = result.samples
+        if skip_aborted and any(sample.seq.is_finished for sample in samples):
+            samples = [sample for sample in samples if not sample.seq.is_finished]  # stopped while in flight
+        for group, samples in _by_request(samples):
             if skip_aborted and groups.get(group.request_id) is not group:
                 continue
             if group.first_token_time is None:

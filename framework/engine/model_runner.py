@@ -10,6 +10,11 @@ input buffers (``device_inputs``) -- computes logits only at the sampled rows
 samples on the device -- each row with the sampler its request names -- and
 copies the results to the host once (``step_results``).
 
+``execute`` is ``launch`` (queue all of that, including the copy into pinned
+memory) then ``fetch`` (wait for the copy, unpack). Async scheduling
+(``LLMEngine``) puts ``launch_continuation`` in between: the next decode
+step, whose input ids are the launched step's samples, read on the device.
+
 CUDA graphs are used on CUDA devices unless ``enforce_eager`` is set or the
 attention backend lacks ``supports_cuda_graphs``. They are captured by
 ``init_kv_cache`` (they bake in the cache's address); ``profile_peak_memory``
@@ -21,6 +26,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -204,21 +210,27 @@ class ModelRunner:
 
     # -- one step ------------------------------------------------------------
 
-    def _logits(self, prepared: PreparedBatch) -> torch.Tensor | None:
-        """Run the model; logits at the sampled rows, then at the prompt-logprob rows (None: nothing to sample)."""
+    def _logits(self, prepared: PreparedBatch, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run the model; logits at the sampled rows, then at the prompt-logprob rows (None: nothing to sample).
+
+        ``input_ids``: the step's token ids as a device tensor (a continuation step, whose tokens were
+        sampled by the step before it and never reached the host); None: ``prepared.input_ids``.
+        """
         wanted = bool(prepared.sample_seqs) or prepared.prompt_logprobs is not None
         if self.graphs is not None and prepared.prompt_logprobs is None and self.graphs.fits(prepared):
-            hidden = self.graphs.run(prepared)  # row i = sequence i
+            hidden = self.graphs.run(prepared, input_ids)  # row i = sequence i
             if not wanted:
                 return None
             rows = prepared.logits_indices  # the decodes that sample, in order: all of them but for 1-token chunks
             if len(rows) < len(hidden):
                 hidden = hidden[torch.from_numpy(rows).to(self.device, non_blocking=True)]
             return self._compute_logits(hidden)
-        inputs, input_ids, rows = self.inputs.load(prepared)
+        inputs, ids, rows = self.inputs.load(prepared)
+        if input_ids is not None:
+            ids.copy_(input_ids)
         metadata = self.backend.build_metadata(inputs)
         with set_forward_context(metadata):
-            hidden = self.model(input_ids, inputs.positions)
+            hidden = self.model(ids, inputs.positions)
         return self._compute_logits(hidden[rows]) if wanted else None
 
     def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -273,22 +285,55 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
+        """Run one step and return its results on the host (``launch`` then ``fetch``)."""
+        return self.fetch(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Queue a step's device work -- block moves, forward, sampling, the copy of its results to the
+        host -- without waiting for it; ``fetch`` waits and unpacks."""
         prepared = prepare_batch(batch, self.block_size) if batch.seqs else None
         if self.parallel is not None:  # the driver: the workers run the same step
             self.parallel.publish_step(prepared, batch)
         self._swap_blocks(batch.swap_out, batch.swap_in)
         self._copy_blocks(batch.block_copies)
         if prepared is None:
+            return LaunchedStep(None)
+        return self._launch_sampling(prepared, self._logits(prepared))
+
+    @torch.inference_mode()
+    def launch_continuation(
+        self, prepared: PreparedBatch, block_copies: list[tuple[int, int]], previous: LaunchedStep,
+        rows: np.ndarray | None,
+    ) -> LaunchedStep:  # fmt: skip
+        """Queue a pure-decode step (``input_batch.prepare_continuation``) behind ``previous``, still in
+        flight: sequence i's input token is the one ``previous`` sampled in its row ``rows[i]`` (None:
+        row i), read on the device. One process only (workers would need the tokens too)."""
+        if self.parallel is not None:
+            raise RuntimeError("async scheduling runs on one process only")
+        sampled = previous.device[:, 0]  # float64 token ids, sampled rows first
+        sampled = sampled[: len(prepared.seqs)] if rows is None else sampled[_upload_index(rows, self.device)]
+        self._copy_blocks(block_copies)
+        return self._launch_sampling(prepared, self._logits(prepared, sampled.to(torch.int64)))
+
+    def fetch(self, step: LaunchedStep) -> StepResult:
+        """Wait for a launched step's results and split them per sequence (the step's only sync)."""
+        if step.prepared is None or step.device is None:
             return StepResult()
-        return self.results(prepared, self._logits(prepared))
+        return unpack(step.host, step.width, step.prepared.sample_seqs, step.num_top, step.prepared.prompt_logprobs,
+                      ready=step.ready)  # fmt: skip
 
     @torch.inference_mode()
     def results(self, prepared: PreparedBatch, logits: torch.Tensor | None) -> StepResult:
-        """Sample a step's logits (sampled rows first, then prompt-logprob rows) and bring the results to
-        the host in one copy. The pipelined driver calls it when a step's logits come back from the last
-        pipeline stage."""
+        """Sample a step's logits and bring the results to the host. The pipelined driver calls it when a
+        step's logits come back from the last pipeline stage."""
+        return self.fetch(self._launch_sampling(prepared, logits))
+
+    def _launch_sampling(self, prepared: PreparedBatch, logits: torch.Tensor | None) -> LaunchedStep:
+        """Sample a step's logits (sampled rows first, then prompt-logprob rows) into one packed tensor and
+        start its copy to the host."""
         if logits is None:
-            return StepResult()
+            return LaunchedStep(prepared)
         prompt = prepared.prompt_logprobs
         num_sampled = len(prepared.logits_indices)
         vocab = logits.shape[-1]
@@ -299,7 +344,9 @@ class ModelRunner:
             blocks.append(self._sample(logits[:num_sampled], prepared, num_top, width))
         if prompt is not None:
             blocks.append(_prompt_logprobs(logits[num_sampled:], prompt, width, self.device))
-        return unpack(torch.cat(blocks), width, prepared.sample_seqs, num_top, prompt)
+        packed = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        host, ready = _start_copy_to_host(packed)
+        return LaunchedStep(prepared, packed, host, ready, width, num_top)
 
     @torch.inference_mode()
     def execute_worker_step(self, prepared: PreparedBatch | None, copies, swap_out, swap_in) -> None:
@@ -346,6 +393,38 @@ class ModelRunner:
         )
         self._last_metadata = (key, metadata) if metadata.no_logits_processing else None
         return metadata
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose device work is queued: its packed results (``step_results``) on the device, their
+    host copy (pinned; complete once ``ready`` has happened) and how to unpack them."""
+
+    prepared: PreparedBatch | None
+    device: torch.Tensor | None = None
+    host: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # None: ``host`` is complete already (CPU)
+    width: int = 0
+    num_top: int = 0
+
+
+def _start_copy_to_host(packed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying ``packed`` into pinned host memory; returns the copy and an event recorded after it."""
+    if packed.device.type != "cuda":
+        return packed, None
+    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def _upload_index(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``rows`` as an int64 device tensor, copied from pinned memory (a pageable copy may wait for the GPU)."""
+    index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+    if device.type == "cuda":
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt: PromptLogprobRows, width: int, device) -> torch.Tensor:

@@ -32,7 +32,9 @@ class Sequence:
       * ``token_ids`` = prompt tokens + generated tokens;
       * ``num_computed_tokens`` of them have K/V in the cache, held in
         ``block_ids``; between steps ``len(block_ids) ==
-        ceil(num_computed_tokens / block_size)``;
+        ceil(num_computed_tokens / block_size)`` (with async scheduling, up
+        to one block more: the next step's, taken before this one is
+        applied);
       * a live sequence always has at least one token to compute (its
         prompt, or the token sampled last step); a step schedules
         ``num_tokens - num_computed_tokens`` (or a chunk of it), and when it

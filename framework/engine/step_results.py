@@ -74,8 +74,12 @@ def unpack(
     sample_seqs: list[Sequence],
     num_top: int,
     prompt: PromptLogprobRows | None,
+    ready=None,
 ) -> StepResult:
-    """Copy ``packed`` to the host (the step's only device-to-host copy) and split it."""
+    """Split the step's packed results per sequence: ``packed`` on the host once ``ready`` (a CUDA event
+    recorded after its copy, or None) has happened, or on the device (then copied here)."""
+    if ready is not None:
+        ready.synchronize()
     rows = packed.tolist()
     result = StepResult()
     for seq, row in zip(sample_seqs, rows):

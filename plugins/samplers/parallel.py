@@ -19,6 +19,7 @@ class ParallelSampling(DecodingStrategy):
     """n / best_of sampling (the default strategy)."""
 
     name = "parallel"
+    supports_async_scheduling = True  # step() only appends
 
     def __init__(self, params: SamplingParams, ops: SequenceOps):
         super().__init__(params, ops)

@@ -47,7 +47,7 @@ def _generate(path, backend: str, graphs: bool, prompts, max_tokens, monkeypatch
         runner.enable_decode_graphs()
         replays = []
         run = runner.graphs.run
-        runner.graphs.run = lambda prepared: replays.append(len(prepared.seqs)) or run(prepared)
+        runner.graphs.run = lambda prepared, *ids: replays.append(len(prepared.seqs)) or run(prepared, *ids)
     params = [framework.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0) for n in max_tokens]
     outs = llm.generate(prompts, params, use_tqdm=False)
     result = [(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
@@ -55,13 +55,16 @@ def _generate(path, backend: str, graphs: bool, prompts, max_tokens, monkeypatch
     return result, (replays if graphs else None)
 
 
-def test_static_buffers_match_eager_steps(tmp_path, monkeypatch):
-    """Greedy tokens through padded buckets equal the torch backend's (float32, Triton interpreter)."""
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_static_buffers_match_eager_steps(tmp_path, monkeypatch, async_scheduling):
+    """Greedy tokens through padded buckets equal the torch backend's (float32, Triton interpreter); with
+    async scheduling the replays take their input ids from the previous step's samples on the device."""
     path = make_tiny_model("LlamaForCausalLM", tmp_path / "m", num_key_value_heads=2)
     prompts = [[5, 9, 13], [7] * 20, [3, 4], list(range(11, 29)), [8] * 33]
     max_tokens = [7, 4, 2, 7, 5]  # 5 running sequences (bucket 8), then 4, 3 (bucket 4), 2 (bucket 2)
     ref, _ = _generate(path, "torch", False, prompts, max_tokens, monkeypatch, max_num_seqs=8)
-    got, replays = _generate(path, "triton", True, prompts, max_tokens, monkeypatch, max_num_seqs=8)
+    got, replays = _generate(path, "triton", True, prompts, max_tokens, monkeypatch, max_num_seqs=8,
+                             async_scheduling=async_scheduling)  # fmt: skip
     assert {5, 3, 2} <= set(replays)
     for (ids, lps), (ref_ids, ref_lps) in zip(got, ref):
         assert ids == ref_ids

@@ -373,7 +373,7 @@ def test_stats_reset_and_a_failed_step(model_dir, monkeypatch):
     def fail(batch):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine.runner, "execute", fail)
+    monkeypatch.setattr(engine.runner, "launch", fail)  # execute = fetch(launch(batch))
     with pytest.raises(RuntimeError, match="device lost"):
         engine.step()
     assert engine.kv.cache.num_entries == 0
