@@ -2,7 +2,10 @@
 
 Tiny random-weight models (Llama GQA, Qwen2 with biases, Mistral MQA d64,
 Llama d128) generate greedily through the Triton backend twice: with CUDA
-graphs (the default) and with ``enforce_eager=True``. 20 token-id prompts of
+graphs (the default, with async scheduling: each replay's input ids come
+from the previous step's samples on the device), with graphs and
+``async_scheduling=False``, and with ``enforce_eager=True`` and no async
+scheduling (the reference). 20 token-id prompts of
 1..300 tokens with different output lengths run with ``max_num_seqs=16``, so
 the decode batch shrinks through the buckets (16, 8, 4, 2, 1) and most
 replays are padded. Float32: the token ids must be equal and the logprobs
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 
-def generate(path: Path, dtype: str, eager: bool, prompts, max_tokens):
+def generate(path: Path, dtype: str, eager: bool, prompts, max_tokens, async_scheduling: bool):
     """(per-prompt (ids, logprobs), replay batch sizes, capture seconds, graph GiB)."""
     import framework
 
@@ -32,6 +35,7 @@ def generate(path: Path, dtype: str, eager: bool, prompts, max_tokens):
         {
             "model": str(path), "dtype": dtype, "max_model_len": 512, "max_num_seqs": 16,
             "max_num_batched_tokens": 512, "device": "cuda", "enforce_eager": eager,
+            "async_scheduling": async_scheduling,
         }
     )  # fmt: skip
     runner = llm.engine.runner
@@ -39,7 +43,7 @@ def generate(path: Path, dtype: str, eager: bool, prompts, max_tokens):
     replays: list[int] = []
     if runner.graphs is not None:
         run = runner.graphs.run
-        runner.graphs.run = lambda prepared: replays.append(len(prepared.seqs)) or run(prepared)
+        runner.graphs.run = lambda prepared, *ids: replays.append(len(prepared.seqs)) or run(prepared, *ids)
     params = [framework.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0) for n in max_tokens]
     outs = llm.generate(prompts, params, use_tqdm=False)
     result = []
@@ -81,22 +85,25 @@ def main() -> int:
         ("LlamaForCausalLM", {"hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}),
     ]
     ok = True
-    print(f"[graphs] {len(prompts)} prompts, max_num_seqs 16; 'graphs' vs 'eager' (enforce_eager=True)")
-    print(f"    {'model':<22} {'dtype':<9} {'ids equal':>9} {'prefix':>7} {'max|dlogp|':>11} {'replays':>8} "
+    print(f"[graphs] {len(prompts)} prompts, max_num_seqs 16; graphs (async scheduling on / off) vs eager "
+          f"(enforce_eager=True, async scheduling off)")
+    print(f"    {'model':<22} {'dtype':<9} {'async':<5} {'ids equal':>9} {'prefix':>7} {'max|dlogp|':>11} {'replays':>8} "
           f"{'padded':>7} {'capture':>8} {'pool':>8}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for index, (arch, overrides) in enumerate(models):
             name = f"{arch.removesuffix('ForCausalLM')}(d{overrides.get('hidden_size', 64) // 4})"
             for dtype in ("float32", "bfloat16"):
                 path = make_tiny_model(arch, Path(tmp) / f"{index}-{dtype}", dtype=dtype, seed=index, **overrides)
-                eager, _, _ = generate(path, dtype, True, prompts, max_tokens)
-                graphs, replays, (seconds, gib) = generate(path, dtype, False, prompts, max_tokens)
-                same, prefix, dlogp = compare(graphs, eager)
-                padded = sum(n not in (1, 2, 4, 8, 16) for n in replays)
-                if dtype == "float32":
-                    ok &= same == len(prompts) and dlogp < 1e-4 and padded > 0
-                print(f"    {name:<22} {dtype:<9} {same:>6}/{len(prompts)} {prefix:>7.1f} {dlogp:>11.2e} "
-                      f"{len(replays):>8} {padded:>7} {seconds:>7.2f}s {gib * 1024:>6.0f}MiB")  # fmt: skip
+                eager, _, _ = generate(path, dtype, True, prompts, max_tokens, False)
+                for overlap in (True, False):
+                    graphs, replays, (seconds, gib) = generate(path, dtype, False, prompts, max_tokens, overlap)
+                    same, prefix, dlogp = compare(graphs, eager)
+                    padded = sum(n not in (1, 2, 4, 8, 16) for n in replays)
+                    if dtype == "float32":
+                        ok &= same == len(prompts) and dlogp < 1e-4 and padded > 0
+                    print(f"    {name:<22} {dtype:<9} {'on' if overlap else 'off':<5} {same:>6}/{len(prompts)} "
+                          f"{prefix:>7.1f} {dlogp:>11.2e} {len(replays):>8} {padded:>7} {seconds:>7.2f}s "
+                          f"{gib * 1024:>6.0f}MiB")  # fmt: skip
     print(f"[graphs] float32 ids equal and logprobs within 1e-4 everywhere: {ok}")
     return 0 if ok else 1
 
