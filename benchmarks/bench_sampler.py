@@ -19,7 +19,19 @@
     then again with top_p=0.9 + the penalties (the difference is the whole
     in-engine sampling cost, metadata included).
 
+(c) With ``--small-n 1,2,4,8``: ``triton_sampling.filtered_sample`` alone at
+    those N (V = ``--vocab``), temperature 1.0, no top-k / top-p (vLLM's
+    ``bench latency`` settings), its split-vocabulary path against the
+    one-program kernel: median GPU time over ``--reps`` launches (CUDA
+    events, each launch queued behind a short device sleep so host launch
+    time is not measured; logits and noise stay in L2, as after the LM
+    head), median host time per call, each of ``SPLIT_CONFIGS``, and the
+    checks that the tokens are identical (also on mixed rows: greedy,
+    temperature 0.7, min-p, raw logits, repeated launches) and the counters
+    left zeroed. One line per N, then one JSON line.
+
     python benchmarks/bench_sampler.py --json /tmp/sampler.json
+    python benchmarks/bench_sampler.py --small-n 1,2,4,8,16,32,64 --skip-sampler --skip-engine
 """
 
 from __future__ import annotations
@@ -59,6 +71,14 @@ KERNEL_CONFIGS = [  # candidates for triton_sampling.DEFAULT_CONFIG, the current
     dict(BLOCK=1024, BLOCK_E=256, BLOCK_C=4096, CAP=2048, NUM_PIVOTS=16, num_warps=8),
     dict(BLOCK=512, BLOCK_E=128, BLOCK_C=1024, CAP=2048, NUM_PIVOTS=16, num_warps=4),
     dict(BLOCK=1024, BLOCK_E=256, BLOCK_C=2048, CAP=2048, NUM_PIVOTS=8, num_warps=8),
+]
+
+SPLIT_CONFIGS = [  # candidates for triton_sampling.SPLIT_CONFIG, the current default first
+    dict(triton_sampling.SPLIT_CONFIG),
+    dict(CHUNK=1024, BLOCK=1024, num_warps=4),
+    dict(CHUNK=2048, BLOCK=2048, num_warps=8),
+    dict(CHUNK=4096, BLOCK=1024, num_warps=4),
+    dict(CHUNK=4096, BLOCK=2048, num_warps=8),
 ]
 
 
@@ -211,6 +231,97 @@ def sweep_configs(args, device, logits_by_kind) -> list[dict]:
     return rows
 
 
+def gpu_us(fn, reps: int) -> tuple[float, float]:
+    """(median GPU microseconds by CUDA events, median host microseconds per call) of ``fn``.
+
+    Each timed launch waits behind a ~50 us device sleep, so the events
+    bracket the kernels' device time rather than the host's launch time.
+    """
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    device_us, host_us = [], []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(100_000)
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        host_us.append((time.perf_counter() - t0) * 1e6)
+        end.record()
+        end.synchronize()
+        device_us.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(device_us), statistics.median(host_us)
+
+
+def check_split_mixed(n: int, vocab: int, device, reps: int) -> dict:
+    """Split path against the one-program kernel on mixed rows, launched ``reps`` times (a race would show)."""
+    from framework.ops.split_k import counters_on
+
+    gen = torch.Generator(device).manual_seed(n)
+    logits = make_logits("llm", n, vocab, device, seed=n)
+    logits.masked_fill_(torch.rand(n, vocab, generator=gen, device=device) < 0.05, float("-inf"))
+    raw = make_logits("llm", n, vocab, device, seed=n + 1000)
+    q = exponential_noise(logits, {})
+    temperature = torch.tensor([0.0, 0.7, 1.0, 1.3], device=device).repeat(n)[:n]
+    min_p = torch.tensor([0.0, 0.05, 0.0], device=device).repeat(n)[:n]
+    args = (logits, q, temperature, None, None, min_p)
+    ref_tokens, ref_lse = triton_sampling.filtered_sample(*args, raw=raw, split=False)
+    mismatch, lse_diff = 0, 0.0
+    for _ in range(reps):
+        tokens, lse = triton_sampling.filtered_sample(*args, raw=raw, split=True)
+        mismatch += int((tokens != ref_tokens).sum())
+        lse_diff = max(lse_diff, float((lse - ref_lse).abs().max()))
+    counters = counters_on(device)
+    return {
+        "mixed_mismatch": mismatch,
+        "mixed_lse_max_diff": lse_diff,
+        "counters_zeroed": counters is None or not bool(counters.any()),
+    }
+
+
+def bench_small_n(args, device) -> dict:
+    """The split path against the one-program kernel at small N (temperature 1.0, no top-k / top-p)."""
+    if device.type != "cuda":
+        raise RuntimeError("--small-n times CUDA kernels: no CUDA device")
+    vocab, rows = args.vocab, []
+    for n in (int(v) for v in args.small_n.split(",")):
+        logits = make_logits("llm", n, vocab, device)
+        q = exponential_noise(logits, {})
+        temperature = torch.ones(n, device=device)
+
+        def sample(split, split_config=None):
+            return triton_sampling.filtered_sample(
+                logits, q, temperature, None, None, None,
+                any_greedy=False, split=split, split_config=split_config,
+            )  # fmt: skip
+
+        one_tokens, one_lse = sample(False)
+        row = {"n": n, "vocab": vocab, "rule_splits": triton_sampling.use_split_path(n, None, None, device)}
+        row["one_program_us"], row["one_program_host_us"] = gpu_us(lambda: sample(False), args.reps)
+        row["split"] = []
+        for cfg in SPLIT_CONFIGS:
+            tokens, lse = sample(True, cfg)
+            device_us, host_us = gpu_us(lambda cfg=cfg: sample(True, cfg), args.reps)
+            row["split"].append({
+                **cfg, "us": device_us, "host_us": host_us, "tokens_equal": bool(torch.equal(tokens, one_tokens)),
+                "lse_max_diff": float((lse - one_lse).abs().max()),
+            })  # fmt: skip
+        row.update(check_split_mixed(n, vocab, device, args.reps))
+        default, best = row["split"][0], min(row["split"], key=lambda r: r["us"])
+        print(
+            f"N={n:4d} one-program {row['one_program_us']:7.2f} us  split {default['us']:7.2f} us "
+            f"({row['one_program_us'] / default['us']:4.1f}x; best CHUNK={best['CHUNK']} BLOCK={best['BLOCK']} "
+            f"warps={best['num_warps']}: {best['us']:.2f} us)  host {row['one_program_host_us']:.0f} / "
+            f"{default['host_us']:.0f} us  tokens equal {all(r['tokens_equal'] for r in row['split'])}  "
+            f"mixed mismatch {row['mixed_mismatch']}  rule splits {row['rule_splits']}",
+            flush=True,
+        )  # fmt: skip
+        rows.append(row)
+    print("small_n", json.dumps(rows), flush=True)
+    return {"rows": rows}
+
+
 def bench_engine(args, device) -> dict:
     """Median engine step (ms) in steady decode at ``num_seqs`` running requests: greedy, then top-p + penalties."""
     import framework
@@ -289,6 +400,11 @@ def main() -> None:
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--skip-sampler", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true", help="no sweep of kernel launch configurations")
+    parser.add_argument(
+        "--small-n", default=None, metavar="N,N,...",
+        help="also time filtered_sample's split path against the one-program kernel at these row counts "
+        "(temperature 1.0, no top-k/top-p; see (c))",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="write all results here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -298,7 +414,12 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "args": vars(args),
     }
-    for part, skip, fn in (("sampler", args.skip_sampler, bench_sampler), ("engine", args.skip_engine, bench_engine)):
+    parts = (
+        ("small_n", args.small_n is None, bench_small_n),
+        ("sampler", args.skip_sampler, bench_sampler),
+        ("engine", args.skip_engine, bench_engine),
+    )
+    for part, skip, fn in parts:
         if skip:
             continue
         try:

@@ -5,7 +5,9 @@ small blocks and a small CAP, so the bracket passes, the take-everything
 shortcut, the sorted cut and the one-value (tied) cut all run on short rows.
 The reference is ``standard._apply_top_k_top_p`` (a stable full sort) and
 ``standard.filtered_race``: given the same noise ``q``, the kept set of every
-row must be the same set and the token the same token.
+row must be the same set and the token the same token. The split-vocabulary
+path (rows without top-k / top-p) must give the one-program kernel's tokens
+exactly, ties included, on rows cut into several chunks (a ragged last one).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
+from framework.ops.split_k import counters_on, num_sms  # noqa: E402
 from framework.sampling_metadata import SamplingMetadata  # noqa: E402
 from plugins.samplers import standard, triton_sampling  # noqa: E402
 from plugins.samplers.standard import StandardSampler  # noqa: E402
@@ -196,3 +199,146 @@ def test_seeded_row_is_independent_of_the_batch(small_kernel):
         return tokens
 
     assert run(in_batch=False) == run(in_batch=True)
+
+
+# The split-vocabulary path (rows without top-k / top-p): chunks of 512 (5 chunks of V=2300, the last
+# one 252 long) and of 128 (18 chunks): tokens identical to the one-program kernel's and the reference's.
+SPLIT_VOCAB = 2300
+SPLIT_CONFIGS = [dict(CHUNK=512, BLOCK=256, num_warps=4), dict(CHUNK=128, BLOCK=128, num_warps=4)]
+SPLIT_CASES = {  # name: temperatures cycled over the rows, min_p cycled (None: off), with raw logits
+    "temperature": ([1.0, 0.7], None, False),
+    "greedy mixed": ([0.0, 1.0, 0.7], None, False),
+    "min_p": ([1.0, 0.7], [0.05, 0.3], False),
+    "raw": ([0.7, 0.0, 1.0], [0.0, 0.1], True),
+    "banned": ([1.0, 0.0, 0.7], None, False),
+    "ties": ([1.0, 0.7, 0.0], [0.0, 0.2], False),
+}
+TIED_TOP = [2000, 856, 600, 1500]  # 600 and 856: one lane of one 512-chunk (and of SMALL's 128-blocks)
+
+
+def split_case(case: str, n: int, gen: torch.Generator):
+    """``(x, q, raw, temperature, min_p)`` on DEVICE for one of SPLIT_CASES."""
+    temps, min_ps, with_raw = SPLIT_CASES[case]
+    vocab = SPLIT_VOCAB
+    x = torch.randn(n, vocab, generator=gen) * 3
+    q = torch.empty(n, vocab).exponential_(generator=gen)
+    if case == "banned":  # scattered bans, a whole chunk banned; with 5 rows the last is banned entirely
+        x = x.masked_fill(torch.rand(n, vocab, generator=gen) < 0.3, float("-inf"))
+        x[:, 512:1024] = float("-inf")
+        if n == 5:
+            x[4] = float("-inf")
+    if case == "ties":  # bfloat16 values, the top one at ids in three chunks and twice in one lane
+        x = x.bfloat16().float()
+        x[:, TIED_TOP] = x.max() + 1
+        q[torch.arange(n) != 1] = 1.0  # q == 1: the race is argmax e, tied as x is
+        x[3 if n == 5 else 1 :] = 0.5  # all equal (rows 3 and 4 of 5, row 1 of 2): the first id wins
+    raw = x + torch.randn(n, vocab, generator=gen) if with_raw else None
+    temperature = torch.tensor([temps[i % len(temps)] for i in range(n)])
+    min_p = None if min_ps is None else torch.tensor([min_ps[i % len(min_ps)] for i in range(n)])
+    return tuple(None if t is None else t.to(DEVICE) for t in (x, q, raw, temperature, min_p))
+
+
+@pytest.fixture
+def split_calls(monkeypatch):
+    """Counts the launches of the split path (a test that forces it checks it ran)."""
+    calls = []
+    launch = triton_sampling._split_sample
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_sampling, "_split_sample", counted)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # -inf - -inf in the interpreter
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log(0): the lse of a row of -inf
+@pytest.mark.parametrize("split_config", SPLIT_CONFIGS, ids=["chunk512", "chunk128"])
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_split_path_matches_the_one_program_kernel_and_the_reference(case, n, split_config, split_calls):
+    gen = torch.Generator().manual_seed(n * 10 + list(SPLIT_CASES).index(case))
+    x, q, raw, temperature, min_p = split_case(case, n, gen)
+    greedy = temperature < 1e-5
+    kwargs = dict(raw=raw, any_greedy=bool(greedy.any()))
+    stats_split = torch.zeros(n, 4, device=DEVICE)
+    tokens, lse = triton_sampling.filtered_sample(
+        x, q, temperature, None, None, min_p, stats=stats_split, split=True, split_config=split_config, **kwargs
+    )
+    assert split_calls == [(n, SPLIT_VOCAB)]
+    stats_one = torch.zeros(n, 4, device=DEVICE)
+    tokens_one, lse_one = triton_sampling.filtered_sample(
+        x, q, temperature, None, None, min_p, stats=stats_one, split=False, **kwargs, **SMALL
+    )
+    assert len(split_calls) == 1
+
+    assert torch.equal(tokens, tokens_one)
+    torch.testing.assert_close(stats_split, stats_one, equal_nan=True, atol=0, rtol=0)
+    assert stats_split[:, 0].isnan().all() and not stats_split[:, 1:].any()
+    torch.testing.assert_close(lse, lse_one, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(lse, torch.logsumexp(x if raw is None else raw, dim=-1), atol=1e-5, rtol=1e-6)
+    md = SamplingMetadata(
+        temperature=temperature, top_k=temperature, top_p=temperature,  # top-k / top-p off: unread
+        min_p=min_p if min_p is not None else torch.zeros_like(temperature), no_min_p=min_p is None,
+    )  # fmt: skip
+    some = x.isfinite().any(dim=1)  # the reference's softmax of a row of -inf is NaN
+    expected = torch.where(greedy, x.argmax(dim=-1), standard.filtered_race(x, md, q.clone()))
+    assert torch.equal(tokens[some], expected[some])
+    assert not tokens[~some].any()  # as the one-program kernel: token 0
+    if case == "ties":  # rows with q == 1 race e, tied as x is: the lowest tied id wins, as the argmax's
+        all_equal = (x == x[:, :1]).all(dim=1).tolist()
+        for row in range(n):
+            if row != 1:
+                assert tokens[row] == (0 if all_equal[row] else min(TIED_TOP))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("finish", ["last program", "own launch"])
+def test_split_path_finishes_rows_either_way(finish, monkeypatch):
+    """The last-arriving program of kernel B, or the finish kernel (no counters, as in a CUDA-graph capture)."""
+    if finish == "own launch":
+        monkeypatch.setattr(triton_sampling, "arrival_counters", lambda device, needed: None)
+    gen = torch.Generator().manual_seed(3)
+    x, q, _, temperature, _ = split_case("greedy mixed", 5, gen)
+    tokens, lse = triton_sampling.filtered_sample(
+        x, q, temperature, None, None, None, split=True, split_config=SPLIT_CONFIGS[0]
+    )
+    tokens_one, lse_one = triton_sampling.filtered_sample(x, q, temperature, None, None, None, split=False, **SMALL)
+    assert torch.equal(tokens, tokens_one)
+    torch.testing.assert_close(lse, lse_one, atol=1e-5, rtol=1e-6)
+    counters = counters_on(x.device)
+    if finish == "last program":
+        assert counters is not None and not counters.any()  # every launch leaves its counters zeroed
+
+
+def test_split_path_rule():
+    k, p = torch.ones(2, dtype=torch.int64), torch.ones(2)
+    device = torch.device(DEVICE)
+    sms = num_sms(device)
+    assert triton_sampling.use_split_path(1, None, None, device)
+    assert triton_sampling.use_split_path(sms // 2, None, None, device)
+    assert not triton_sampling.use_split_path(sms // 2 + 1, None, None, device)
+    assert not triton_sampling.use_split_path(1, k, None, device)
+    assert not triton_sampling.use_split_path(1, None, p, device)
+    with pytest.raises(ValueError):
+        triton_sampling.filtered_sample(
+            torch.zeros(2, 8, device=DEVICE), torch.ones(2, 8, device=DEVICE), torch.ones(2, device=DEVICE),
+            k.to(DEVICE), None, None, split=True,
+        )  # fmt: skip
+
+
+def test_sampler_takes_the_split_path_for_few_rows_without_a_cut(split_calls):
+    """StandardSampler at N=3 (temperature, greedy and min-p rows): split path, tokens as the torch path's."""
+    n, vocab = 3, 1500
+    gen = torch.Generator().manual_seed(8)
+    logits = (torch.randn(n, vocab, generator=gen) * 2).to(DEVICE)
+    md = metadata([1.0, 0.0, 0.7], [vocab] * n, [1.0] * n, [0.0, 0.0, 0.1])
+    md.no_top_k, md.no_top_p = True, True
+    outs = []
+    for use_triton in (True, False):
+        torch.manual_seed(7)
+        outs.append(StandardSampler(use_triton=use_triton)(logits, md))
+    assert split_calls == [(n, vocab)]
+    assert torch.equal(outs[0].token_ids, outs[1].token_ids)
+    torch.testing.assert_close(outs[0].logprobs, outs[1].logprobs, atol=1e-5, rtol=0)
