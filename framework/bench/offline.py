@@ -42,6 +42,9 @@ def add_latency_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-iters", type=int, default=3)
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (vLLM's latency benchmark: 1.0, top_p 1.0)"
+    )
     parser.add_argument("--output-json", default=None, help="write the results here")
 
 
@@ -92,7 +95,7 @@ def run_latency(args: argparse.Namespace) -> dict:
 
     llm = LLM(config=engine_config_from_args(args))
     vocab = llm.engine.model_config.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)
     rows = []
     for batch_size in args.batch_sizes:
         prompts = [r.prompt for r in random_requests(batch_size, (args.input_len,) * 2, (1, 1), vocab)]
@@ -112,7 +115,7 @@ def run_latency(args: argparse.Namespace) -> dict:
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
-    result = {"input_len": args.input_len, "output_len": args.output_len, "results": rows,
+    result = {"input_len": args.input_len, "output_len": args.output_len, "temperature": args.temperature, "results": rows,
               "engine": _engine_settings(llm)}  # fmt: skip
     _write(args.output_json, result)
     return result
