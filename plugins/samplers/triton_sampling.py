@@ -102,9 +102,10 @@ from plugins.samplers.triton_cut import (
 GREEDY_EPS = tl.constexpr(1e-5)  # rows with a lower temperature are greedy (as SamplingParams)
 # The fastest of benchmarks/bench_sampler.py's candidates on an H200 (N=256, V=128256), 2026-11-21.
 DEFAULT_CONFIG = dict(BLOCK=2048, BLOCK_E=512, BLOCK_C=4096, CAP=2048, NUM_PIVOTS=16, num_warps=16)
-# The split path's launch: CHUNK elements of a row per program (V=128256: 63 chunks), BLOCK per step.
-# Not yet timed on a GPU (benchmarks/bench_sampler.py --small-n).
-SPLIT_CONFIG = dict(CHUNK=2048, BLOCK=1024, num_warps=4)
+# The split path's launch: CHUNK elements of a row per program (V=128256: 32 chunks), BLOCK per step.
+# benchmarks/bench_sampler.py --small-n on an H200, 2026-11-21 (V=128256): 14.2-19.8 us at N = 1..32
+# and 34.8 us at N = 64, against the one-program kernel's 39.2-40.1 us (68.4 at N = 64); tokens equal.
+SPLIT_CONFIG = dict(CHUNK=4096, BLOCK=1024, num_warps=4)
 
 
 @triton.jit
