@@ -130,14 +130,17 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # so that the free-memory difference counts the graphs' pool alone
         free_before = torch.cuda.mem_get_info(self.device)[0]
+        from framework.ops import triton_gemv  # CUDA (hence Triton) only
+
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):
-            with self._stage_io(size):
-                self._forward(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._hidden[size] = self._forward(size)
-            self._graphs[size] = graph
+        with triton_gemv.building_graphs():  # the small-M GEMV: for replays only (framework.ops.triton_gemv)
+            for size in reversed(self.sizes):
+                with self._stage_io(size):
+                    self._forward(size)  # warm-up: Triton compiles, cuBLAS picks its kernels
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._hidden[size] = self._forward(size)
+                self._graphs[size] = graph
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         self.capture_seconds = time.perf_counter() - start

@@ -144,6 +144,7 @@ def gemv_calls(monkeypatch):
 
         monkeypatch.setattr(triton_gemv, name, spy)
     monkeypatch.setattr(ops, "use_triton", lambda x: True)
+    monkeypatch.setattr(triton_gemv, "_in_eager_steps", True)  # on a GPU host: CUDA tensors, eager steps
     yield calls
     triton_gemv.set_enabled(True, True)
 
@@ -183,3 +184,24 @@ def test_silu_mul_linear_dispatch(gemv_calls):
     triton_gemv.set_enabled(True, fuse_silu_mul=False)  # FRAMEWORK_TRITON_GEMV_SILU=0: SiluAndMul, then the GEMV
     act.then_linear(gate_up, down)
     assert gemv_calls == ["gemv_silu_mul", "gemv"]
+
+
+def test_cuda_tensors_take_it_only_while_graphs_are_built(monkeypatch):
+    """On CUDA the GEMV is for graph replays: an eager step of a few rows is launch-bound, and cuBLAS
+    launches cost the host less. CPU tensors (the interpreter) take it whenever it applies."""
+    from types import SimpleNamespace
+
+    weight = torch.zeros(4096, 4096, dtype=torch.bfloat16)
+    cpu = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    cuda = SimpleNamespace(shape=cpu.shape, dtype=cpu.dtype, is_cuda=True)  # only what applies() reads
+    monkeypatch.setattr(triton_gemv, "_in_eager_steps", False)
+    assert triton_gemv.applies(cpu, weight)
+    assert not triton_gemv.applies(cuda, weight)
+    with triton_gemv.building_graphs():
+        assert triton_gemv.applies(cuda, weight)
+        with triton_gemv.building_graphs():
+            assert triton_gemv.applies(cuda, weight)
+        assert triton_gemv.applies(cuda, weight)
+    assert not triton_gemv.applies(cuda, weight)
+    monkeypatch.setattr(triton_gemv, "_in_eager_steps", True)  # FRAMEWORK_TRITON_GEMV_EAGER=1
+    assert triton_gemv.applies(cuda, weight)

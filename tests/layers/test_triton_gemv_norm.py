@@ -152,8 +152,9 @@ def gemv_calls(monkeypatch):
 
         monkeypatch.setattr(triton_gemv, name, spy)
     monkeypatch.setattr(ops, "use_triton", lambda x: True)
+    monkeypatch.setattr(triton_gemv, "_in_eager_steps", True)  # on a GPU host: CUDA tensors, eager steps
     saved = (triton_gemv._enabled, triton_gemv._fuse_silu_mul, triton_gemv._fuse_norm)
-    triton_gemv.set_enabled(True, fuse_norm=True)  # the fused prologue is opt-in
+    triton_gemv.set_enabled(True, fuse_norm=True)
     yield calls
     triton_gemv.set_enabled(*saved)
 
