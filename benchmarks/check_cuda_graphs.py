@@ -5,7 +5,9 @@ Llama d128) generate greedily through the Triton backend twice: with CUDA
 graphs (the default, with async scheduling: each replay's input ids come
 from the previous step's samples on the device), with graphs and
 ``async_scheduling=False``, and with ``enforce_eager=True`` and no async
-scheduling (the reference). 20 token-id prompts of
+scheduling (the reference; its linears take the same small-M GEMV as the
+graphs, ``FRAMEWORK_TRITON_GEMV_EAGER=1``, so that both do the same
+arithmetic). 20 token-id prompts of
 1..300 tokens with different output lengths run with ``max_num_seqs=16``, so
 the decode batch shrinks through the buckets (16, 8, 4, 2, 1) and most
 replays are padded. Float32: the token ids must be equal and the logprobs
@@ -19,6 +21,7 @@ a graph's fixed split-K count changes the rounding of the attention sum.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -69,6 +72,7 @@ def compare(got, ref) -> tuple[int, float, float]:
 
 
 def main() -> int:
+    os.environ["FRAMEWORK_TRITON_GEMV_EAGER"] = "1"  # eager steps take the graphs' GEMV (same arithmetic)
     if not torch.cuda.is_available():
         print("no CUDA device: tests/engine/test_cuda_graphs.py checks the static buffers on the CPU")
         return 2
