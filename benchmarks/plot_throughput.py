@@ -67,7 +67,9 @@ def main() -> None:
     ax.set_yscale("log")
     ax.set_xlabel("batch size (sequences)")
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"{args.title}\nprompt {lat['input_len']}, output {lat['output_len']} tokens, greedy")
+    temperature = lat.get("temperature", 0.0)  # results before the field existed were greedy
+    sampling = "greedy" if temperature == 0 else f"temperature {temperature:g}"
+    ax.set_title(f"{args.title}\nprompt {lat['input_len']}, output {lat['output_len']} tokens, {sampling}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
