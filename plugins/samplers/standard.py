@@ -29,7 +29,8 @@ get those of the processed logits instead.
 
 On a GPU (float32 logits with unit stride, Triton installed) steps 1-4 are
 one Triton program per row (``triton_sampling``) that finds each row's cut
-without sorting the vocabulary, and the penalties are one Triton pass
+without sorting the vocabulary -- or, for a few rows without top-k/top-p,
+programs over (row, vocabulary chunk) -- and the penalties are one Triton pass
 (``triton_penalties``). The torch code here is the reference and the CPU
 path. Both draw the same noise ``q``, so a row's token depends only on its
 logits, its parameters and its noise. Tokens tied at the top-k / top-p cut
