@@ -18,9 +18,11 @@ GREEDY = framework.SamplingParams(temperature=0, max_tokens=8)
 LONG = framework.SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def llm_engine(tiny_model_dir):
-    return LLMEngine(load_config({"model": str(tiny_model_dir), "max_model_len": 128}))
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async-scheduling"])
+def llm_engine(tiny_model_dir, request):
+    """The engine behind every test, with and without async scheduling (the CUDA default) on this CPU."""
+    config = {"model": str(tiny_model_dir), "max_model_len": 128, "async_scheduling": request.param}
+    return LLMEngine(load_config(config))
 
 
 def run(llm_engine, test, **kwargs):

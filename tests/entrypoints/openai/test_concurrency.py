@@ -9,12 +9,25 @@ import pytest
 TIMEOUT = 120.0
 
 
+@pytest.fixture(scope="module", params=["default", "async-scheduling"])
+def serving(request, server, launch, tiny_model_dir):
+    """The shared server, and one with ``--async-scheduling`` (the CUDA default, off on this CPU)."""
+    if request.param == "default":
+        return server
+    args = [str(tiny_model_dir), "--max-model-len", str(server.max_model_len), "--api-key", server.api_key,
+            "--served-model-name", *server.model_names, "--async-scheduling"]  # fmt: skip
+    srv = launch(args)
+    assert "async scheduling on" in srv.log_tail(1 << 20)
+    srv.api_key, srv.model_names, srv.max_model_len = server.api_key, server.model_names, server.max_model_len
+    return srv
+
+
 def _abort_count(server) -> float:
     return sum(v for k, v in server.metrics().items()
                if k.startswith("framework:request_success_total") and 'finished_reason="abort"' in k)  # fmt: skip
 
 
-def test_64_concurrent_requests_streaming_and_not_all_complete(server):
+def test_64_concurrent_requests_streaming_and_not_all_complete(serving):
     async def one(aclient: openai.AsyncOpenAI, i: int) -> int:
         max_tokens = 4 + i % 13
         extra = {"ignore_eos": True}
@@ -43,22 +56,24 @@ def test_64_concurrent_requests_streaming_and_not_all_complete(server):
         return i
 
     async def main():
-        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0, timeout=60)
+        aclient = openai.AsyncOpenAI(
+            base_url=serving.url + "/v1", api_key=serving.api_key, max_retries=0, timeout=60
+        )
         async with aclient:
             return await asyncio.wait_for(asyncio.gather(*(one(aclient, i) for i in range(64))), TIMEOUT)
 
     assert sorted(asyncio.run(main())) == list(range(64))
-    server.wait_until_idle()
+    serving.wait_until_idle()
 
 
-def test_closed_streams_are_aborted_and_free_their_blocks(server):
-    before = _abort_count(server)
+def test_closed_streams_are_aborted_and_free_their_blocks(serving):
+    before = _abort_count(serving)
     prompts = [f"a long story {i}" for i in range(16)]  # one stream, 16 engine requests: seconds of work
 
     async def main():
-        headers = {"Authorization": f"Bearer {server.api_key}"}
+        headers = {"Authorization": f"Bearer {serving.api_key}"}
         body = {"model": "tiny", "prompt": prompts, "max_tokens": 240, "ignore_eos": True, "stream": True}
-        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30) as http:
+        async with httpx.AsyncClient(base_url=serving.url, headers=headers, timeout=30) as http:
 
             async def read_two_events_then_leave():
                 async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -72,16 +87,16 @@ def test_closed_streams_are_aborted_and_free_their_blocks(server):
             await asyncio.wait_for(asyncio.gather(*(read_two_events_then_leave() for _ in range(4))), TIMEOUT)
 
     asyncio.run(main())
-    server.wait_until_idle()
-    assert _abort_count(server) - before == 4 * len(prompts)
+    serving.wait_until_idle()
+    assert _abort_count(serving) - before == 4 * len(prompts)
 
 
-def test_a_non_streaming_client_that_leaves_aborts_its_request(server):
-    before = _abort_count(server)
+def test_a_non_streaming_client_that_leaves_aborts_its_request(serving):
+    before = _abort_count(serving)
     prompts = [f"prompt {i}" for i in range(64)]  # ~2 s of work for the tiny model on a CPU
     body = {"model": "tiny", "prompt": prompts, "max_tokens": 250, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.3),
-                   headers={"Authorization": f"Bearer {server.api_key}"})  # fmt: skip
-    server.wait_until_idle()
-    assert _abort_count(server) - before == len(prompts)
+        httpx.post(serving.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.3),
+                   headers={"Authorization": f"Bearer {serving.api_key}"})  # fmt: skip
+    serving.wait_until_idle()
+    assert _abort_count(serving) - before == len(prompts)
