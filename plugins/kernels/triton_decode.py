@@ -56,7 +56,9 @@ MAX_SPLITS = 32
 
 
 # fmt: off
-@triton.jit
+# stride_bt (the widest block table of the step) changes from eager step to eager step: not specialised on,
+# so that the batch growing does not compile new variants (see triton_prefill).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     key_cache_ptr,  # [slots, Hk, D]

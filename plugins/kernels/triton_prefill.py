@@ -35,7 +35,10 @@ LOG2E = 1.4426950408889634
 
 
 # fmt: off
-@triton.jit
+# Arguments that change from step to step are not specialised on (Triton would compile a variant for each
+# value that is 1 or a multiple of 16): without this a run compiles dozens of copies of the kernel as the batch
+# changes, each one a pause of a second or more in the middle of serving.
+@triton.jit(do_not_specialize=["first_seq", "num_prefills", "stride_bt"])
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     key_cache_ptr,  # [slots, Hk, D]
