@@ -168,3 +168,22 @@ def test_generated_blocks_are_named_for_the_prefix_cache(pair, continuations):
         hits.append(engine.stats().prefix_cache_hits - before)
     assert hits[0] == hits[1] > 8 * 4  # at least the generated part's blocks (block size 4)
     assert continuations.count > 0
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_a_full_pool_preempts_and_outputs_stay_the_same(model_dir, pair, mode):
+    """A pool too small for every request: continuations cannot always get their blocks, and the scheduler
+    preempts (by recompute or by swapping); greedy outputs still equal the synchronous engine's."""
+    params = framework.SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = [list(range(10 + i, 30 + i)) for i in range(6)]  # 6 x (20 + 40) tokens: 90 blocks of 4 wanted
+    results, counts = [], []
+    block_bytes = pair[0].engine.runner.kv_block_bytes()  # the same model and block size
+    for overlapped in (False, True):
+        # 40 blocks of 4 tokens: room for about two and a half requests at their longest
+        llm = build(model_dir, overlapped, kv_cache_memory=40 * block_bytes, preemption_mode=mode, swap_space=0.01)
+        results.append(outputs(llm, prompts, params))
+        counts.append(llm.engine.num_preemptions)
+        assert llm.engine.kv.pool.num_free == llm.engine.kv.pool.num_blocks
+    assert results[0] == results[1]
+    assert all(len(o[0][0]) == 40 for o in results[1])
+    assert counts[0] > 0 and counts[1] > 0
