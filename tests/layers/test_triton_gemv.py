@@ -29,7 +29,6 @@ from gemv_helpers import (  # tests/layers/conftest.py puts this directory on sy
     triton_gemv,
 )
 
-from framework import ops
 from framework.ops import gemv_configs, split_k
 from framework.layers import LayerContext, RowParallelLinear, SiluAndMul
 
@@ -131,22 +130,6 @@ def test_split_count():
 # -- dispatch from the layers ---------------------------------------------------------
 
 
-@pytest.fixture
-def gemv_calls(monkeypatch):
-    """Pretend the CPU is a CUDA device for the layers' dispatch and count the GEMV launches."""
-    calls = []
-    for name in ("gemv", "gemv_silu_mul"):
-        real = getattr(triton_gemv, name)
-
-        def spy(*args, _real=real, _name=name, **kw):
-            calls.append(_name)
-            return _real(*args, **kw)
-
-        monkeypatch.setattr(triton_gemv, name, spy)
-    monkeypatch.setattr(ops, "use_triton", lambda x: True)
-    monkeypatch.setattr(triton_gemv, "_in_eager_steps", True)  # on a GPU host: CUDA tensors, eager steps
-    yield calls
-    triton_gemv.set_enabled(True, True)
 
 
 def down_layer(inter, hidden, dtype, bias=True):

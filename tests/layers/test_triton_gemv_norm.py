@@ -139,24 +139,6 @@ def test_bad_input_names_the_field():
 # -- dispatch from RMSNorm.then_linear ------------------------------------------------
 
 
-@pytest.fixture
-def gemv_calls(monkeypatch):
-    """Pretend the CPU is a CUDA device for the layers' dispatch and count the GEMV launches."""
-    calls = []
-    for name in ("gemv", "gemv_rmsnorm"):
-        real = getattr(triton_gemv, name)
-
-        def spy(*args, _real=real, _name=name, **kw):
-            calls.append(_name)
-            return _real(*args, **kw)
-
-        monkeypatch.setattr(triton_gemv, name, spy)
-    monkeypatch.setattr(ops, "use_triton", lambda x: True)
-    monkeypatch.setattr(triton_gemv, "_in_eager_steps", True)  # on a GPU host: CUDA tensors, eager steps
-    saved = (triton_gemv._enabled, triton_gemv._fuse_silu_mul, triton_gemv._fuse_norm)
-    triton_gemv.set_enabled(True, fuse_norm=True)
-    yield calls
-    triton_gemv.set_enabled(*saved)
 
 
 def proj(k, n, dtype, bias=True):
