@@ -20,11 +20,11 @@ from collections import deque
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import torch
 
 from framework.config import EngineConfig
 from framework.distributed.executor import make_executor
+from framework.engine import continuation
 from framework.engine.input_batch import prepare_continuation
 from framework.engine.model_runner import LaunchedStep
 from framework.engine.output_processor import OutputProcessor
@@ -288,12 +288,7 @@ class LLMEngine:
                 self.runner.execute(batch)
             return dropped
         _mark_scheduled(batch)
-        try:
-            result = self.runner.execute(batch)
-        except BaseException:
-            # The blocks this step was to fill are named in the prefix cache already; their K/V may be garbage.
-            self.kv.reset_prefix_cache()
-            raise
+        result = self._guarded(self.runner.execute, batch)
         return dropped + self._apply(self.scheduler, batch, result, final_only)
 
     # -- async scheduling ----------------------------------------------------------
@@ -323,101 +318,41 @@ class LLMEngine:
                 return dropped
             _mark_scheduled(batch)
             launched = self._guarded(self.runner.launch, batch)
-            if self._continuable(batch):
+            if continuation.continuable(self.scheduler, batch):
                 self._pending = (batch, launched)
                 return dropped
             return dropped + self._apply(self.scheduler, batch, self.runner.fetch(launched), final_only)
         batch, launched = self._pending
         self._pending = None
         following = self._launch_continuation(batch, launched)
-        try:
-            result = self.runner.fetch(launched)
-        except BaseException:
-            self.kv.reset_prefix_cache()
-            raise
+        result = self._guarded(self.runner.fetch, launched)
         outputs = self._apply(self.scheduler, batch, result, final_only, skip_aborted=True)
         if following is not None:
             self._pending = following
-            self._name_filled_blocks(following[0])
+            continuation.name_filled_blocks(self.kv, following[0])
         return outputs
 
     def _guarded(self, fn, *args):
-        """``fn(*args)``; when it fails, the blocks it was to fill may be named in the prefix cache already."""
+        """``fn(*args)`` for a step's device work. When it fails, the blocks the step was to fill are named in
+        the prefix cache already and their K/V may be garbage: the cache is reset."""
         try:
             return fn(*args)
         except BaseException:
             self.kv.reset_prefix_cache()
             raise
 
-    def _continuable(self, batch: ScheduledBatch) -> bool:
-        """Whether the step after ``batch`` can be launched before ``batch``'s tokens are known: a pure
-        decode of every running request, each one's sampling needing nothing from the host."""
-        if batch.forks or batch.swap_out or self.scheduler.waiting or self.scheduler.swapped:
-            return False
-        if any(n != 1 for n in batch.num_new_tokens):
-            return False
-        # Every live sequence of a running request is in the batch (the batch's others have stopped).
-        if sum(group.num_live_seqs() for group in self.scheduler.running) != sum(
-            not seq.is_finished for seq in batch.seqs
-        ):
-            return False
-        for group in batch.groups:
-            if not getattr(group.strategy, "supports_async_scheduling", False):
-                return False
-            if group.params.processes_logits or group.needs_prompt_logprobs:
-                return False
-        return True
-
     def _launch_continuation(self, batch: ScheduledBatch, launched) -> tuple[ScheduledBatch, object] | None:
         """Launch the step after ``batch`` (in flight) when the scheduler has nothing else to do."""
-        if not self._continuable(batch):
+        if not continuation.continuable(self.scheduler, batch):
             return None
-        groups = self._groups
-        max_model_len = self.model_config.max_model_len
-        seqs, next_groups = [], []
-        for group in self.scheduler.running:
-            if groups.get(group.request_id) is not group or group.is_finished():
-                continue
-            kept = False
-            for seq in group.live_seqs():
-                # Left out: a sequence that ends by length with the token in flight.
-                max_tokens = seq.params.max_tokens
-                if max_tokens is not None and seq.num_output_tokens + 1 >= max_tokens:
-                    continue
-                if seq.num_tokens + 1 >= max_model_len:
-                    continue
-                seqs.append(seq)
-                kept = True
-            if kept:
-                next_groups.append(group)
-        if not seqs:
+        following = continuation.plan(self.scheduler, self.kv, self._groups, self.model_config.max_model_len)
+        if following is None:
             return None
-        # Room for the token in flight and the one this step samples; nothing is undone on failure:
-        # blocks already taken are the ones the sequence needs next anyway.
-        if not all(self.kv.allocate_slots(seq, 2) for seq in seqs):
-            self.kv.take_copies()  # none can be pending here: the write blocks are private already
-            return None
-        copies = self.kv.take_copies()
-        prepared = prepare_continuation(seqs, self.kv.block_size)
-        previous = launched.prepared.sample_seqs
-        if len(previous) >= len(seqs) and all(a is b for a, b in zip(previous, seqs)):
-            rows = None
-        else:
-            row_of = {id(s): i for i, s in enumerate(previous)}
-            rows = np.fromiter((row_of[id(s)] for s in seqs), dtype=np.int64, count=len(seqs))
-        following = self._guarded(self.runner.launch_continuation, prepared, copies, launched, rows)
-        return ScheduledBatch(seqs=seqs, num_new_tokens=[1] * len(seqs), groups=next_groups), following
-
-    def _name_filled_blocks(self, batch: ScheduledBatch) -> None:
-        """Prefix caching: name the blocks that the step in flight fills, now that their tokens are known
-        (the scheduler names a step's blocks when it plans it; a continuation's last token was unknown)."""
-        kv = self.kv
-        if kv.cache is None:
-            return
-        bs = kv.block_size
-        for seq in batch.seqs:
-            if not seq.is_finished and (seq.num_computed_tokens + 1) // bs > seq.num_cached_blocks:
-                kv.cache_full_blocks(seq, seq.num_computed_tokens + 1)
+        prepared = prepare_continuation(following.seqs, self.kv.block_size)
+        rows = continuation.sample_rows(launched.prepared.sample_seqs, following.seqs)
+        return following, self._guarded(
+            self.runner.launch_continuation, prepared, following.block_copies, launched, rows
+        )
 
     def _pipelined_step(self, final_only: bool) -> list[RequestOutput]:
         """Schedule on the next virtual engine and submit; apply the oldest batch once M are in flight."""
