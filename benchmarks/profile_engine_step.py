@@ -89,7 +89,7 @@ def main() -> None:
             events.append([begin, None])
         return _fn(*a)
 
-    def copy_to_host(packed, _fn=model_runner._start_copy_to_host):
+    def copy_to_host(packed, _fn=model_runner.start_copy_to_host):
         out = _fn(packed)
         if cuda:  # the step's last device work: its end on the stream (also when the next step is queued)
             end = torch.cuda.Event(enable_timing=True)
@@ -101,7 +101,7 @@ def main() -> None:
     model_runner.prepare_batch = timed("prepare", model_runner.prepare_batch)
     runner._logits = timed("forward", forward)
     model_runner.unpack = timed("sync+unpack", model_runner.unpack)
-    model_runner._start_copy_to_host = copy_to_host
+    model_runner.start_copy_to_host = copy_to_host
     runner.execute = timed("execute", runner.execute)
 
     rng = random.Random(0)

@@ -26,14 +26,13 @@ from framework.config import EngineConfig
 from framework.distributed.executor import make_executor
 from framework.engine import continuation
 from framework.engine.input_batch import prepare_continuation
-from framework.engine.model_runner import LaunchedStep
 from framework.engine.output_processor import OutputProcessor
 from framework.engine.request_params import check_params, seed_generators
 from framework.engine.scheduler import ScheduledBatch
 from framework.engine.sequence_group import SequenceGroup
 from framework.engine.sequence_ops import GroupOps
 from framework.engine.stats import EngineStats
-from framework.engine.step_results import SampledToken, StepResult
+from framework.engine.step_results import LaunchedStep, SampledToken, StepResult
 from framework.engine.virtual_engine import VirtualEngine, make_virtual_engines
 from framework.model_config import (
     HFConfig,
@@ -241,6 +240,12 @@ class LLMEngine:
             for group in ve.scheduler.abort(ids):
                 self.outputs.abort(group)
                 outputs.append(self._release(group))
+        if self._pending is not None and not any(self._groups.get(g.request_id) is g for g in self._pending[0].groups):
+            # Async scheduling: the step in flight now belongs to no request; wait for it and drop its
+            # results here rather than leave it for a step() that may never come (a server shutting down).
+            _, launched = self._pending
+            self._pending = None
+            self._guarded(self.runner.fetch, launched)
         return outputs
 
     def has_unfinished_requests(self) -> bool:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from framework.engine.input_batch import PreparedBatch, PromptLogprobRows, prepa
 from framework.engine.sampling_inputs import TokenCounts, build_sampling_metadata
 from framework.engine.scheduler import ScheduledBatch
 from framework.engine.sequence import Sequence
-from framework.engine.step_results import StepResult, pack_rows, unpack
+from framework.engine.step_results import LaunchedStep, StepResult, pack_rows, start_copy_to_host, unpack
 from framework.forward_context import set_forward_context
 from framework.interfaces import Sampler
 from framework.layers.attention import Attention
@@ -345,7 +344,7 @@ class ModelRunner:
         if prompt is not None:
             blocks.append(_prompt_logprobs(logits[num_sampled:], prompt, width, self.device))
         packed = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-        host, ready = _start_copy_to_host(packed)
+        host, ready = start_copy_to_host(packed)
         return LaunchedStep(prepared, packed, host, ready, width, num_top)
 
     @torch.inference_mode()
@@ -393,30 +392,6 @@ class ModelRunner:
         )
         self._last_metadata = (key, metadata) if metadata.no_logits_processing else None
         return metadata
-
-
-@dataclass
-class LaunchedStep:
-    """A step whose device work is queued: its packed results (``step_results``) on the device, their
-    host copy (pinned; complete once ``ready`` has happened) and how to unpack them."""
-
-    prepared: PreparedBatch | None
-    device: torch.Tensor | None = None
-    host: torch.Tensor | None = None
-    ready: torch.cuda.Event | None = None  # None: ``host`` is complete already (CPU)
-    width: int = 0
-    num_top: int = 0
-
-
-def _start_copy_to_host(packed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """Start copying ``packed`` into pinned host memory; returns the copy and an event recorded after it."""
-    if packed.device.type != "cuda":
-        return packed, None
-    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-    host.copy_(packed, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
 
 
 def _upload_index(rows: np.ndarray, device: torch.device) -> torch.Tensor:

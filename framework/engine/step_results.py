@@ -6,7 +6,9 @@ Row layout of the packed float64 tensor (``width`` = W)::
 
 Sampled rows come first, then prompt-logprob rows (the next prompt token's
 logprob at each prompt position). Missing top entries are padded and
-dropped again when unpacking.
+dropped again when unpacking. ``LaunchedStep`` is a step whose packed rows
+are still on their way: ``start_copy_to_host`` queues the copy into pinned
+memory, and ``unpack`` waits for it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from framework.engine.input_batch import PromptLogprobRows
+from framework.engine.input_batch import PreparedBatch, PromptLogprobRows
 from framework.engine.sequence import Sequence
 from framework.engine.sequence_group import SequenceGroup
 
@@ -91,3 +93,27 @@ def unpack(
         result.prompt_logprobs.append((group, entries))
         offset += count
     return result
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose device work is queued: its packed results (``step_results``) on the device, their
+    host copy (pinned; complete once ``ready`` has happened) and how to unpack them."""
+
+    prepared: PreparedBatch | None
+    device: torch.Tensor | None = None
+    host: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None  # None: ``host`` is complete already (CPU)
+    width: int = 0
+    num_top: int = 0
+
+
+def start_copy_to_host(packed: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying ``packed`` into pinned host memory; returns the copy and an event recorded after it."""
+    if packed.device.type != "cuda":
+        return packed, None
+    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready

@@ -187,3 +187,18 @@ def test_a_full_pool_preempts_and_outputs_stay_the_same(model_dir, pair, mode):
     assert results[0] == results[1]
     assert all(len(o[0][0]) == 40 for o in results[1])
     assert counts[0] > 0 and counts[1] > 0
+
+
+def test_aborting_everything_drains_the_step_in_flight(pair):
+    """Once every request of the step in flight is aborted, nothing is left over for a step() that may
+    never come (a server shutting down): no unfinished work, every block free."""
+    engine = pair[1].engine
+    params = framework.SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in PROMPTS[:2]]
+    for _ in range(4):  # prefill, then decodes with the next step queued
+        engine.step()
+    assert engine._pending is not None
+    outs = engine.abort_request(ids)
+    assert [o.outputs[0].finish_reason for o in outs] == ["abort", "abort"]
+    assert not engine.has_unfinished_requests() and engine._pending is None
+    assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
