@@ -286,15 +286,22 @@ class LLMEngine:
             return self._pipelined_step(final_only)
         if self.async_scheduling:
             return self._async_step(final_only)
+        batch, dropped = self._schedule()
+        if batch is None:
+            return dropped
+        result = self._guarded(self.runner.execute, batch)
+        return dropped + self._apply(self.scheduler, batch, result, final_only)
+
+    def _schedule(self) -> tuple[ScheduledBatch | None, list[RequestOutput]]:
+        """The next batch (None: nothing to run), and the outputs of requests dropped as unfittable."""
         batch = self.scheduler.schedule()
         dropped = [self._drop_unfittable(self.kv, group) for group in batch.unfittable]
         if not batch.seqs:
             if batch.swap_out:  # a request alone swapped itself out: its blocks still move
                 self.runner.execute(batch)
-            return dropped
+            return None, dropped
         _mark_scheduled(batch)
-        result = self._guarded(self.runner.execute, batch)
-        return dropped + self._apply(self.scheduler, batch, result, final_only)
+        return batch, dropped
 
     # -- async scheduling ----------------------------------------------------------
 
@@ -315,18 +322,14 @@ class LLMEngine:
         room for S'. Outputs therefore come one call later than without it.
         """
         if self._pending is None:
-            batch = self.scheduler.schedule()
-            dropped = [self._drop_unfittable(self.kv, group) for group in batch.unfittable]
-            if not batch.seqs:
-                if batch.swap_out:
-                    self.runner.execute(batch)
+            batch, dropped = self._schedule()
+            if batch is None:
                 return dropped
-            _mark_scheduled(batch)
             launched = self._guarded(self.runner.launch, batch)
             if continuation.continuable(self.scheduler, batch):
                 self._pending = (batch, launched)
                 return dropped
-            return dropped + self._apply(self.scheduler, batch, self.runner.fetch(launched), final_only)
+            return dropped + self._apply(self.scheduler, batch, self._guarded(self.runner.fetch, launched), final_only)
         batch, launched = self._pending
         self._pending = None
         following = self._launch_continuation(batch, launched)
