@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from framework.engine.sampling_inputs import build_sampling_metadata  # noqa: E402
 from framework.engine.sequence import Sequence  # noqa: E402
 from framework.sampling_params import SamplingParams  # noqa: E402
-from plugins.samplers import triton_sampling  # noqa: E402
+from plugins.samplers import triton_sampling, triton_split_sample  # noqa: E402
 from plugins.samplers.processors import apply_logits_processors  # noqa: E402
 from plugins.samplers.standard import StandardSampler, exponential_noise  # noqa: E402
 
@@ -73,8 +73,8 @@ KERNEL_CONFIGS = [  # candidates for triton_sampling.DEFAULT_CONFIG, the current
     dict(BLOCK=1024, BLOCK_E=256, BLOCK_C=2048, CAP=2048, NUM_PIVOTS=8, num_warps=8),
 ]
 
-SPLIT_CONFIGS = [  # candidates for triton_sampling.SPLIT_CONFIG, the current default first
-    dict(triton_sampling.SPLIT_CONFIG),
+SPLIT_CONFIGS = [  # candidates for triton_split_sample.SPLIT_CONFIG, the current default first
+    dict(triton_split_sample.SPLIT_CONFIG),
     dict(CHUNK=1024, BLOCK=1024, num_warps=4),
     dict(CHUNK=2048, BLOCK=2048, num_warps=8),
     dict(CHUNK=4096, BLOCK=1024, num_warps=4),
@@ -297,7 +297,7 @@ def bench_small_n(args, device) -> dict:
             )  # fmt: skip
 
         one_tokens, one_lse = sample(False)
-        row = {"n": n, "vocab": vocab, "rule_splits": triton_sampling.use_split_path(n, None, None, device)}
+        row = {"n": n, "vocab": vocab, "rule_splits": triton_split_sample.use_split_path(n, None, None, device)}
         row["one_program_us"], row["one_program_host_us"] = gpu_us(lambda: sample(False), args.reps)
         row["split"] = []
         for cfg in SPLIT_CONFIGS:

@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 from framework.ops.split_k import counters_on, num_sms  # noqa: E402
 from framework.sampling_metadata import SamplingMetadata  # noqa: E402
-from plugins.samplers import standard, triton_sampling  # noqa: E402
+from plugins.samplers import standard, triton_sampling, triton_split_sample  # noqa: E402
 from plugins.samplers.standard import StandardSampler  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -242,13 +242,13 @@ def split_case(case: str, n: int, gen: torch.Generator):
 def split_calls(monkeypatch):
     """Counts the launches of the split path (a test that forces it checks it ran)."""
     calls = []
-    launch = triton_sampling._split_sample
+    launch = triton_split_sample.split_sample
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(triton_sampling, "_split_sample", counted)
+    monkeypatch.setattr(triton_split_sample, "split_sample", counted)
     return calls
 
 
@@ -298,7 +298,7 @@ def test_split_path_matches_the_one_program_kernel_and_the_reference(case, n, sp
 def test_split_path_finishes_rows_either_way(finish, monkeypatch):
     """The last-arriving program of kernel B, or the finish kernel (no counters, as in a CUDA-graph capture)."""
     if finish == "own launch":
-        monkeypatch.setattr(triton_sampling, "arrival_counters", lambda device, needed: None)
+        monkeypatch.setattr(triton_split_sample, "arrival_counters", lambda device, needed: None)
     gen = torch.Generator().manual_seed(3)
     x, q, _, temperature, _ = split_case("greedy mixed", 5, gen)
     tokens, lse = triton_sampling.filtered_sample(
@@ -316,11 +316,11 @@ def test_split_path_rule():
     k, p = torch.ones(2, dtype=torch.int64), torch.ones(2)
     device = torch.device(DEVICE)
     sms = num_sms(device)
-    assert triton_sampling.use_split_path(1, None, None, device)
-    assert triton_sampling.use_split_path(sms // 2, None, None, device)
-    assert not triton_sampling.use_split_path(sms // 2 + 1, None, None, device)
-    assert not triton_sampling.use_split_path(1, k, None, device)
-    assert not triton_sampling.use_split_path(1, None, p, device)
+    assert triton_split_sample.use_split_path(1, None, None, device)
+    assert triton_split_sample.use_split_path(sms // 2, None, None, device)
+    assert not triton_split_sample.use_split_path(sms // 2 + 1, None, None, device)
+    assert not triton_split_sample.use_split_path(1, k, None, device)
+    assert not triton_split_sample.use_split_path(1, None, p, device)
     with pytest.raises(ValueError):
         triton_sampling.filtered_sample(
             torch.zeros(2, 8, device=DEVICE), torch.ones(2, 8, device=DEVICE), torch.ones(2, device=DEVICE),
