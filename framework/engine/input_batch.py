@@ -79,13 +79,7 @@ def prepare_batch(batch: ScheduledBatch, block_size: int) -> PreparedBatch:
     seq_of_token = np.repeat(np.arange(num_seqs), query_lens)
     positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(starts - query_start_loc[:-1], query_lens)
 
-    # Rows padded with 0 as Python lists, then one conversion (about twice as fast as filling row by row).
-    width = max(1, max((len(s.block_ids) for s in seqs), default=0))
-    pad = [0] * width
-    block_tables = np.array([s.block_ids + pad[len(s.block_ids) :] for s in seqs], dtype=np.int32)
-    block_tables = block_tables.reshape(num_seqs, width)
-    slot_mapping = block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
-    slot_mapping += positions % block_size
+    block_tables, slot_mapping = _tables_and_slots(seqs, seq_of_token, positions, block_size)
 
     samples = seq_lens == totals
     logits_indices = query_start_loc[1:][samples] - 1
@@ -119,11 +113,8 @@ def prepare_continuation(seqs: list[Sequence], block_size: int) -> PreparedBatch
     """
     n = len(seqs)
     positions = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=n)
-    width = max(1, max(len(s.block_ids) for s in seqs))
-    pad = [0] * width
-    block_tables = np.array([s.block_ids + pad[len(s.block_ids) :] for s in seqs], dtype=np.int32).reshape(n, width)
     rows = np.arange(n)
-    slot_mapping = block_tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    block_tables, slot_mapping = _tables_and_slots(seqs, rows, positions, block_size)
     return PreparedBatch(
         seqs=list(seqs),
         input_ids=np.zeros(n, dtype=np.int64),
@@ -136,6 +127,20 @@ def prepare_continuation(seqs: list[Sequence], block_size: int) -> PreparedBatch
         logits_indices=rows.astype(np.int64),
         sample_seqs=list(seqs),
     )
+
+
+def _tables_and_slots(
+    seqs: list[Sequence], seq_of_token: np.ndarray, positions: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``[B, W]`` int32 block tables (0-padded to the widest) and each token's int64 KV-cache slot."""
+    # Rows padded with 0 as Python lists, then one conversion (about twice as fast as filling row by row).
+    width = max(1, max((len(s.block_ids) for s in seqs), default=0))
+    pad = [0] * width
+    block_tables = np.array([s.block_ids + pad[len(s.block_ids) :] for s in seqs], dtype=np.int32)
+    block_tables = block_tables.reshape(len(seqs), width)
+    slot_mapping = block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
+    slot_mapping += positions % block_size
+    return block_tables, slot_mapping
 
 
 def _fork_rows(batch: ScheduledBatch, sample_seqs: list[Sequence]) -> np.ndarray | None:
