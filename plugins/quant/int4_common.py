@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Callable, Iterable
 
 import torch
@@ -99,6 +100,32 @@ def set_int_layout(
     layer.register_parameter("zeros", nn.Parameter(zeros.contiguous(), requires_grad=False))
     layer.register_buffer("perm", None if perm is None else perm.to(torch.int64).contiguous(), persistent=False)
     layer.bits, layer.group_size = bits, group_size
+    mma = _mma_layout(qweight, scales, zeros, bits, group_size)
+    layer.register_buffer("mma_qweight", None if mma is None else mma[0], persistent=False)
+    layer.register_buffer("mma_szp", None if mma is None else mma[1], persistent=False)
+
+
+def _mma_layout(qweight, scales, zeros, bits, group_size) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The tensor-core copy of a 4-bit layer for decode steps of <= 8 rows (``plugins.quant.int4_mma``), on
+    CUDA when the shape, dtype and zero points allow it and the kernel passed its self-check here; else None.
+    It is a second copy of the codes (the tiled and dequantizing paths for more rows read ``qweight``)."""
+    if bits != 4 or not qweight.is_cuda or os.environ.get("FRAMEWORK_INT4_MMA", "1") == "0":
+        return None
+    try:
+        from plugins.quant import int4_mma
+    except Exception as err:  # noqa: BLE001 - no triton: the other paths remain
+        logger.warning("int4 tensor-core kernel unavailable (%s)", err)
+        return None
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    if not int4_mma.supported(n, k, group_size, bits) or scales.dtype not in int4_mma.MAGIC_VALUE:
+        return None
+    try:
+        szp = int4_mma.pack_scales(scales, zeros)
+    except ValueError:  # zero points that are not small integers
+        return None
+    if not int4_mma.usable(qweight.device, scales.dtype):
+        return None
+    return int4_mma.repack(unpack_rows(qweight, 4)), szp
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,6 +144,15 @@ def apply_int_weight(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     if layer.perm is not None:
         x2d = x2d.index_select(1, layer.perm)
     matmul = _triton_matmul() if x.is_cuda else None
+    if getattr(layer, "mma_qweight", None) is not None and x.dtype == layer.scales.dtype and x2d.shape[0] <= 8:
+        from plugins.quant import int4_mma
+
+        x2d = x2d.contiguous()
+        if int4_mma.aligned(x2d):
+            out = int4_mma.matmul(x2d, layer.mma_qweight, layer.mma_szp, layer.group_size)
+            if bias is not None:
+                out = out + bias
+            return out.reshape(*x.shape[:-1], out.shape[-1])
     if matmul is not None:
         out = matmul(x2d.contiguous(), layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bits)
     else:

@@ -1,0 +1,171 @@
+"""GPU check and sweep of the tensor-core int4 kernel (``plugins/quant/int4_mma.py``) for few rows.
+
+1. Correctness: ``mma_matmul`` against ``reference_matmul`` (the weights
+   dequantized to x's dtype, fp32 products) for bf16 and fp16, M = 1..8, group
+   sizes 64 / 128 / K, odd row-block counts, split-K on and off; and the
+   layout against the original codes (``unpack(repack(q)) == q``).
+2. Timing at the Llama-3-8B linear shapes, in CUDA graphs over enough weight
+   copies that L2 never holds the next one (as a decode step runs them):
+   the sweep of (rows, unroll, warps, split) configs, against the current int4
+   GEMV (``triton_int4.int4_matmul`` on its layout, tuned table) and bf16
+   (``triton_gemv.gemv``, our decode GEMV, and ``F.linear``), with each
+   figure's bytes and GB/s against a device-to-device copy.
+
+    python3 benchmarks/check_int4_mma.py [--out DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.check_gemv import copy_bandwidth, graph_time_us  # noqa: E402
+from framework.ops import triton_gemv  # noqa: E402
+from plugins.quant import int4_mma, triton_int4  # noqa: E402
+from plugins.quant.int4_common import pack_rows  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+DEV = "cuda"
+
+
+def make_layer(n: int, k: int, group: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.001).to(dtype)
+    zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(dtype)
+    return q.to(DEV), scales.to(DEV), zeros.to(DEV)
+
+
+def correctness(failures: list) -> list[dict]:
+    rows = []
+    cases = [
+        (64, 128, 64), (48, 256, 128), (160, 512, 128), (80, 320, 320), (4096, 4096, 128), (1024, 14336, 128),
+    ]
+    for (n, k, group), dtype in itertools.product(cases, (torch.bfloat16, torch.float16)):
+        q, s, z = make_layer(n, k, group, dtype)
+        qw = int4_mma.repack(q)
+        szp = int4_mma.pack_scales(s, z)
+        ok_layout = torch.equal(int4_mma.unpack(qw), q)
+        s2, z2 = int4_mma.unpack_scales(szp, dtype)
+        ok_layout &= torch.equal(s2, s) and torch.equal(z2, z)
+        for m in (1, 2, 3, 5, 8):
+            x = torch.randn(m, k, device=DEV, dtype=dtype)
+            ref = int4_mma.reference_matmul(x, qw, szp, group).float()
+            for rows_, unroll, split in ((4, 1, 1), (8, 2, 0), (4, 2, 3)):
+                out = int4_mma.mma_matmul(x, qw, szp, group, rows=rows_, unroll=unroll, split=split).float()
+                err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+                ok = ok_layout and bool(torch.isfinite(out).all()) and err < 2e-2
+                rows.append({"n": n, "k": k, "group": group, "dtype": str(dtype), "m": m, "cfg": [rows_, unroll, split],
+                             "err": err, "ok": ok})  # fmt: skip
+                if not ok:
+                    failures.append(rows[-1])
+        print(f"  {n}x{k} g{group} {dtype}: {sum(r['ok'] for r in rows)}/{len(rows)} ok so far, {time.time() - T0:.0f}s", flush=True)
+    return rows
+
+
+def configs(quick: bool):
+    rows = (4, 8, 16) if not quick else (4, 8)
+    unroll = (1, 2, 4) if not quick else (1, 2, 4)
+    warps = (4, 8)
+    waves = (0, 1, 2, 4) if not quick else (0, 2)
+    for r, u, w, wave in itertools.product(rows, unroll, warps, waves):
+        if r < w or r * u > 32 or (quick and r != w):
+            continue
+        yield r, u, w, wave
+
+
+def sweep(bw: float, quick: bool, reps: int) -> list[dict]:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    out = []
+    for name, (n, k) in SHAPES.items():
+        group = 128
+        q, s, z = make_layer(n, k, group, torch.bfloat16)
+        nbytes_int4 = n * k // 2 + 2 * (k // group) * n * 2
+        copies = max(2, math.ceil(3 * l2 / nbytes_int4))
+        qws = [int4_mma.repack(q) for _ in range(copies)]
+        szp = int4_mma.pack_scales(s, z)
+        old_q = pack_rows(q, 4)
+        olds = [old_q.clone() for _ in range(copies)]
+        w16 = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(max(2, math.ceil(3 * l2 / (n * k * 2))))]
+        for m in (1, 8) if not quick else (1,):
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            row = {"shape": name, "n": n, "k": k, "m": m, "int4_bytes": nbytes_int4, "bf16_bytes": n * k * 2}
+            row["old_int4_us"] = graph_time_us([lambda w=w: triton_int4.int4_matmul(x, w, s, z, group) for w in olds], reps)
+            row["bf16_linear_us"] = graph_time_us([lambda w=w: F.linear(x, w) for w in w16], reps)
+            row["bf16_gemv_us"] = graph_time_us([lambda w=w: triton_gemv.gemv(x, w) for w in w16], reps) if m <= triton_gemv.MAX_M else None
+            best = (None, float("inf"))
+            row["mma"] = {}
+            for r, u, w, wave in configs(quick):
+                nb = n // 16
+                tiles = -(-nb // r)
+                split = 0 if wave == 0 else max(1, min(k // 64 // u, -(-wave * sms // tiles)))
+                key = f"R{r}/U{u}/W{w}/S{split}"
+                try:
+                    us = graph_time_us(
+                        [lambda qw=qw: int4_mma.mma_matmul(x, qw, szp, group, rows=r, unroll=u, split=split, num_warps=w)
+                         for qw in qws],
+                        reps,
+                    )
+                except Exception as err:  # noqa: BLE001
+                    row["mma"][key] = repr(err)[:200]
+                    continue
+                row["mma"][key] = round(us, 2)
+                if us < best[1]:
+                    best = (key, us)
+            row["best"] = best[0]
+            row["best_us"] = best[1]
+            row["best_gbps"] = nbytes_int4 / best[1] / 1e3
+            row["copy_gbps"] = bw / 1e9
+            row["speedup_vs_old"] = row["old_int4_us"] / best[1]
+            row["speedup_vs_bf16_gemv"] = (row["bf16_gemv_us"] or row["bf16_linear_us"]) / best[1]
+            print(json.dumps({k_: v for k_, v in row.items() if k_ != "mma"}), flush=True)
+            out.append(row)
+    return out
+
+
+T0 = time.time()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    import faulthandler
+
+    faulthandler.dump_traceback_later(90, repeat=True)
+    t0 = time.time()
+    failures: list = []
+    checks = correctness(failures)
+    print(f"correctness: {len(checks) - len(failures)}/{len(checks)} ok; worst err "
+          f"{max(c['err'] for c in checks):.2e}; {time.time() - t0:.0f}s", flush=True)  # fmt: skip
+    for f in failures[:10]:
+        print("FAIL", f)
+    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "checks": len(checks), "failures": failures}
+    if not args.no_sweep:
+        bw = copy_bandwidth()
+        print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+        result["copy_gbps"] = bw / 1e9
+        result["sweep"] = sweep(bw, args.quick, args.reps)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "int4_mma.json").write_text(json.dumps(result, indent=1))
+    print(f"done in {time.time() - t0:.0f}s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

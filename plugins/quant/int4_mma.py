@@ -1,0 +1,377 @@
+"""int4 weight-only linears for few rows (M <= 8 per column block) on the tensor cores, Marlin-style.
+
+The packed weights are reordered once at load time (``repack``) so that each
+thread's 32-bit word holds exactly the eight 4-bit codes of its share of one
+``mma.m16n8k16`` A fragment. The kernel then never converts a layout: a warp
+loads 16 bytes a lane (four k-blocks of one 16-row block, coalesced), turns
+each word into four bf16x2 (or f16x2) registers with one ``lop3`` a pair
+(``(w >> 4i) & 0x000F000F | magic`` is ``magic + q`` in both halves), takes off
+``magic + zero`` and multiplies by the scale with packed 16-bit arithmetic
+(both exact but for the one rounding of ``(q - z) * s``, the rounding the
+reference dequantization makes), and issues the ``mma`` with the activations
+as the B operand (column ``m`` of B is row ``m`` of x, so up to 8 rows share
+one pass over the weights; fp32 accumulation). That is done in inline PTX
+(``tl.inline_asm_elementwise`` with ``pack=4``: one invocation per thread and
+per four words), so it runs on CUDA only (sm_80 and newer); the Triton
+interpreter cannot run it, and the CPU tests check the layout with
+``unpack`` / ``reference_matmul`` instead.
+
+Layout (``N`` output features, ``K`` inputs; ``N % 16 == 0``, ``K % 64 == 0``)::
+
+    qweight  int32 [N // 16, K // 64, 32, 4]   word (r, sb, lane, j) feeds k-block kb = 4 sb + j of row block r
+    szp      int32 [N // 16, G, 8, 2]          (r, gi, g, 0): -(magic + zero) of rows 16r+g | 16r+g+8 (16-bit
+                                               halves, low first); (r, gi, g, 1): their scales
+
+Lane ``L = 4 g + t`` of an m16n8k16 holds rows ``g`` and ``g + 8`` of the 16-row
+block and, in the k-block, the logical columns ``2t, 2t+1, 2t+8, 2t+9``; here they
+are the physical inputs ``16 kb + 4t + (0, 1, 2, 3)``, so a lane's four
+activations per k-block are 8 contiguous bytes. Bits of the word: (0-3, 16-19)
+= row g at inputs 4t, 4t+1; (4-7, 20-23) = row g+8 at 4t, 4t+1; (8-11, 24-27) =
+row g at 4t+2, 4t+3; (12-15, 28-31) = row g+8 at 4t+2, 4t+3.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from framework.ops.split_k import arrival_counters, num_sms
+
+logger = logging.getLogger(__name__)
+
+MAGIC_VALUE = {torch.bfloat16: 128, torch.float16: 1024}  # the float whose last mantissa bits take a code
+
+
+def supported(n: int, k: int, group_size: int, bits: int) -> bool:
+    """Whether a linear of this shape can take the layout (4-bit, 16-row blocks, 64-input superblocks)."""
+    return bits == 4 and n % 16 == 0 and k % 64 == 0 and group_size % 64 == 0 and k % group_size == 0
+
+
+# -- layout: torch, device-agnostic -------------------------------------------------------
+
+
+# A code's place: input k = 64 sb + 16 t + 4 j + e, output n = 16 r + 8 h + g, lane = 4 g + t, and within
+# the word, bits 4 * slot with slot = 4 (e % 2) + 2 (e // 2) + h.
+_PLACED = (5, 0, 7, 1, 2, 4, 3, 6)  # [NB, SB, g, t, j, e_lo, e_hi, h] from [SB, t, j, e_hi, e_lo, NB, h, g]
+_UNPLACED = (1, 3, 4, 6, 5, 0, 7, 2)  # its inverse
+
+
+def repack(q: torch.Tensor) -> torch.Tensor:
+    """int codes ``q [K, N]`` (values 0..15) -> ``qweight [N // 16, K // 64, 32, 4]`` int32 (module docstring)."""
+    k, n = q.shape
+    codes = q.to(torch.int32).view(k // 64, 4, 4, 2, 2, n // 16, 2, 8).permute(*_PLACED)
+    codes = codes.reshape(n // 16, k // 64, 32, 4, 8)
+    words = codes[..., 0].clone()
+    for slot in range(1, 7):
+        words |= codes[..., slot] << (4 * slot)
+    top = codes[..., 7]
+    words |= (top - 16 * (top >= 8).to(torch.int32)) << 28  # the top code as a signed nibble: no int32 overflow
+    return words.contiguous()
+
+
+def unpack(qweight: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``repack``: ``[K, N]`` int32 codes."""
+    nb, sbs = qweight.shape[:2]
+    shifts = 4 * torch.arange(8, device=qweight.device, dtype=torch.int32)
+    codes = (qweight.unsqueeze(-1) >> shifts) & 15  # [NB, SB, 32, 4, 8]
+    codes = codes.view(nb, sbs, 8, 4, 4, 2, 2, 2).permute(*_UNPLACED)
+    return codes.reshape(sbs * 64, nb * 16).contiguous()
+
+
+def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """``scales, zeros [G, N]`` (16-bit float, integer zero points) -> ``szp [N // 16, G, 8, 2]`` int32."""
+    dtype = scales.dtype
+    if dtype not in MAGIC_VALUE:
+        raise ValueError(f"scales dtype {dtype} is not supported; the mma layout takes float16 or bfloat16")
+    g_count, n = scales.shape
+    negz = -(zeros.float() + float(MAGIC_VALUE[dtype]))
+    if not torch.equal(negz, negz.to(dtype).float()):
+        raise ValueError("zero points must be integers in [0, 15] for the mma layout")
+
+    def halves(t: torch.Tensor) -> torch.Tensor:  # [G, N] -> [N//16, G, 8, 2 halves] 16-bit patterns
+        bits = t.to(dtype).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+        return bits.view(g_count, n // 16, 2, 8).permute(1, 0, 3, 2)
+
+    z, s = halves(negz), halves(scales)
+    words = torch.stack([z[..., 0] | (z[..., 1] << 16), s[..., 0] | (s[..., 1] << 16)], dim=-1).to(torch.int64)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+
+def unpack_scales(szp: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``pack_scales``: ``(scales, zeros) [G, N]`` in ``dtype``."""
+    nb, g_count = szp.shape[:2]
+    lo = (szp & 0xFFFF).to(torch.int16)
+    hi = ((szp >> 16) & 0xFFFF).to(torch.int16)
+    both = torch.stack([lo, hi], dim=-1).view(dtype)  # [nb, G, 8, 2 (z|s), 2 (h)]
+    both = both.permute(1, 0, 4, 2, 3).reshape(g_count, nb * 16, 2)  # n = 16 r + 8 h + g
+    negz, s = both[..., 0], both[..., 1]
+    return s, (-(negz.float()) - MAGIC_VALUE[dtype]).to(dtype)
+
+
+def reference_matmul(x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int) -> torch.Tensor:
+    """What the kernel computes, in torch: the weights dequantized to x's dtype, products summed in fp32."""
+    s, z = unpack_scales(szp, x.dtype)
+    q = unpack(qweight)
+    g = torch.arange(q.shape[0], device=q.device) // group_size
+    w = ((q.float() - z.float()[g]) * s.float()[g]).to(x.dtype)  # [K, N]
+    return (x.float() @ w.float()).to(x.dtype)
+
+
+# -- the kernel ----------------------------------------------------------------------------
+
+
+@functools.cache
+def _asm(bf16: bool) -> tuple[str, str]:
+    """PTX for one thread and one 64-input superblock: dequantize the lane's four words and issue four
+    m16n8k16 mma into its fp32 accumulators, with the activations and scale/zero words already in registers."""
+    ty = "bf16" if bf16 else "f16"
+    magic = 0x43004300 if bf16 else 0x64006400
+    one = 0x3F803F80 if bf16 else 0x3C003C00
+    # operands: $0-$3 acc out (f32); $4-$7 words; $8-$11 acc in; $12-$15 the lane's B fragments, one b64 a
+    # k-block; $16, $17: the (-(magic + zero) pair, scale pair) of its two rows ($18, $19 copies)
+    lines = [
+        "{",
+        ".reg .b32 a0, a1, a2, a3, t1, t2, t3, zg, zh, sg, sh, b0, b1, one, nz;",
+        f"mov.b32 one, {one:#x};",
+        "mov.b32 nz, 0x80008000;",  # -0 in both halves: fma(a, s, -0) == a * s
+        "prmt.b32 zg, $16, $16, 0x1010;",
+        "prmt.b32 zh, $16, $16, 0x3232;",
+        "prmt.b32 sg, $17, $17, 0x1010;",
+        "prmt.b32 sh, $17, $17, 0x3232;",
+    ]
+    for j in range(4):
+        w = f"${4 + j}"
+        c = "$8, $9, $10, $11" if j == 0 else "$0, $1, $2, $3"
+        lines += [
+            f"shr.u32 t1, {w}, 4;",
+            f"shr.u32 t2, {w}, 8;",
+            f"shr.u32 t3, {w}, 12;",
+            f"lop3.b32 a0, {w}, 0x000F000F, {magic:#x}, 0xEA;",  # (w & 0x000F000F) | magic: magic + q, two at once
+            f"lop3.b32 a1, t1, 0x000F000F, {magic:#x}, 0xEA;",
+            f"lop3.b32 a2, t2, 0x000F000F, {magic:#x}, 0xEA;",
+            f"lop3.b32 a3, t3, 0x000F000F, {magic:#x}, 0xEA;",
+            f"fma.rn.{ty}x2 a0, a0, one, zg;",  # q - z, exact
+            f"fma.rn.{ty}x2 a1, a1, one, zh;",
+            f"fma.rn.{ty}x2 a2, a2, one, zg;",
+            f"fma.rn.{ty}x2 a3, a3, one, zh;",
+            f"fma.rn.{ty}x2 a0, a0, sg, nz;",  # (q - z) * s, rounded once
+            f"fma.rn.{ty}x2 a1, a1, sh, nz;",  # (q - z) * s, rounded once
+            f"fma.rn.{ty}x2 a2, a2, sg, nz;",  # (q - z) * s, rounded once
+            f"fma.rn.{ty}x2 a3, a3, sh, nz;",  # (q - z) * s, rounded once
+            f"mov.b64 {{b0, b1}}, ${12 + j};",
+            f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{{c}}};",
+        ]
+    lines.append("}")
+    constraints = ",".join(["=f"] * 4 + ["r"] * 4 + ["f"] * 4 + ["l"] * 4 + ["r"] * 4)
+    return "\n".join(lines), constraints
+
+
+# One thread's loads for a superblock, a step ahead of their use: its 16 activations (32 contiguous bytes;
+# zeros when the "dead" flag is >= 0: a padding column of B, or past the split) as four b64 ($0-$3) and its
+# rows' scale/zero words ($4, $5; $6, $7 copies). Operands: $8-$11 activation addresses (only $8 read),
+# $12-$15 scale/zero addresses (only $12), $16-$19 dead flags (only $16). The flag is an integer operand
+# rather than a select on the address: a lane-dependent, loop-invariant condition outside the asm lets LLVM
+# unswitch the loop, and lanes that run different copies of an mma.sync hang the warp.
+_LOAD_ASM = "\n".join([
+    "{",
+    ".reg .pred px;",
+    "setp.lt.s32 px, $16, 0;",
+    "mov.b64 $0, 0;",
+    "mov.b64 $1, 0;",
+    "mov.b64 $2, 0;",
+    "mov.b64 $3, 0;",
+    "@px ld.global.nc.v2.b64 {$0, $1}, [$8];",
+    "@px ld.global.nc.v2.b64 {$2, $3}, [$8+16];",
+    "ld.global.nc.v2.b32 {$4, $5}, [$12];",
+    "mov.b32 $6, $4;",
+    "mov.b32 $7, $5;",
+    "}",
+])  # fmt: skip
+_LOAD_CONSTRAINTS = ",".join(["=l"] * 4 + ["=r"] * 4 + ["l"] * 4 + ["l"] * 4 + ["r"] * 4)
+
+
+@triton.jit
+def _load_step(x_row, x_dead, z_rows, sb, sb1, u, K, GROUP: tl.constexpr, LOAD_ASM: tl.constexpr,
+               LOAD_CONSTRAINTS: tl.constexpr):  # fmt: skip
+    """The activations (B fragments) and scale/zero words of superblock ``sb + u``."""
+    xa = x_row + (sb + u) * 128  # bytes: 64 activations a superblock
+    dead = tl.maximum(x_dead, sb + u - sb1)
+    za = z_rows + (tl.minimum((sb + u) * 64, K - 1) // GROUP * 64)[None, :]  # bytes: 8 lanes x 8 a group
+    xv, zv = tl.inline_asm_elementwise(
+        LOAD_ASM, LOAD_CONSTRAINTS, [xa[None, :], za, dead[None, :]], dtype=(tl.int64, tl.int32), is_pure=True, pack=4
+    )
+    return xv, zv
+
+
+@triton.jit
+def _write_out(ws_ptr, out_ptr, tile, M, N, NB, num_splits, R: tl.constexpr, U: tl.constexpr):
+    """out[m, n] for the tile's rows: the fragment-ordered partials of every split and unroll slot, summed in
+    order. ws: fp32 [S, tiles, R, 128 U]; element (r, 128 u + 4 lane + i) is D[i] of that lane for row block r."""
+    ci = tl.arange(0, 128)
+    li = ci // 4
+    i = ci % 4
+    rb = tile * R + tl.arange(0, R)
+    n = rb[:, None] * 16 + (li // 4)[None, :] + (8 * (i // 2))[None, :]
+    m = (2 * (li % 4) + i % 2)[None, :]
+    mask = (rb < NB)[:, None] & (m < M)
+    tiles = tl.num_programs(0)
+    y = tl.zeros([R, 128], dtype=tl.float32)
+    for s in range(num_splits):
+        base = ws_ptr + ((s * tiles + tile) * R) * (128 * U)
+        for uu in tl.static_range(U):
+            y += tl.load(base + tl.arange(0, R)[:, None] * (128 * U) + uu * 128 + ci[None, :], mask=mask, other=0.0,
+                         cache_modifier=".cg")
+    tl.store(out_ptr + m * N + n, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# fmt: off
+@triton.jit(do_not_specialize=["M", "G", "sb_per_split", "num_splits"])
+def _mma_kernel(
+    x_ptr,  # [M, K] activations (16-bit), row stride sxm, 32-byte aligned rows
+    qw_ptr,  # int32 [N // 16, K // 64, 32, 4]
+    sz_ptr,  # int32 [N // 16, G, 8, 2]
+    out_ptr,  # [M, N] in x's dtype
+    ws_ptr,  # fp32 [S, tiles, R, 128 U] fragment-ordered partial sums
+    cnt_ptr,  # int32 arrival counters, one per tile (SERIAL)
+    M, N, K, sxm, G, sb_per_split, num_splits,
+    row_words,  # 2 * K: int32 words per 16-row block
+    GROUP: tl.constexpr, R: tl.constexpr, U: tl.constexpr, SERIAL: tl.constexpr,
+    ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, LOAD_ASM: tl.constexpr, LOAD_CONSTRAINTS: tl.constexpr,
+):
+# fmt: on
+    # Every tensor of the main loop is [R, 128 U] and reaches memory only through loads and stores contiguous
+    # along its last axis, so the compiler gives the loop one layout: 4 consecutive elements a thread, 32
+    # threads along that axis. The PTX relies on it (lane L holds elements 4L..4L+3 of each 128).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    SB = K // 64
+    NB = N // 16
+    rb = pid_n * R + tl.arange(0, R)  # 16-row blocks
+    rb_mask = rb < NB
+    c = tl.arange(0, 128 * U)  # (u, lane, j)
+    u = c // 128
+    lane = (c % 128) // 4
+    j = c % 4
+    g = lane // 4
+    t = lane % 4
+    acc = tl.zeros([R, 128 * U], dtype=tl.float32)
+    sb0 = pid_k * sb_per_split
+    sb1 = tl.minimum(sb0 + sb_per_split, SB)
+    w_rows = qw_ptr + rb.to(tl.int64)[:, None] * row_words
+    x_row = (x_ptr + g * sxm + t * 16).to(tl.int64, bitcast=True)
+    x_dead = g - M  # >= 0: B's column is past M (zeros)
+    z_rows = (sz_ptr + (tl.minimum(rb, NB - 1)[:, None] * G * 8 + g[None, :]) * 2).to(tl.int64, bitcast=True)
+    qw = tl.load(w_rows + sb0 * 128 + c[None, :], mask=rb_mask[:, None] & (sb0 + u < sb1)[None, :], other=0)
+    xv, zv = _load_step(x_row, x_dead, z_rows, sb0, sb1, u, K, GROUP, LOAD_ASM, LOAD_CONSTRAINTS)
+    for sb in range(sb0, sb1, U):
+        nxt = sb + U  # the next step's loads are in flight while this step computes
+        qw_next = tl.load(w_rows + nxt * 128 + c[None, :], mask=rb_mask[:, None] & (nxt + u < sb1)[None, :], other=0)
+        xv_next, zv_next = _load_step(x_row, x_dead, z_rows, nxt, sb1, u, K, GROUP, LOAD_ASM, LOAD_CONSTRAINTS)
+        acc = tl.inline_asm_elementwise(ASM, CONSTRAINTS, [qw, acc, xv, zv], dtype=tl.float32, is_pure=True, pack=4)
+        qw, xv, zv = qw_next, xv_next, zv_next
+    tiles = tl.num_programs(0)
+    ws_tile = ws_ptr + ((pid_k * tiles + pid_n) * R) * (128 * U)
+    tl.store(ws_tile + tl.arange(0, R)[:, None] * (128 * U) + c[None, :], acc)
+    if SERIAL:
+        tl.debug_barrier()  # every thread's partial stored before the counter moves
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == num_splits - 1:
+            _write_out(ws_ptr, out_ptr, pid_n, M, N, NB, num_splits, R, U)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit(do_not_specialize=["M", "num_splits"])
+def _mma_out_kernel(ws_ptr, out_ptr, M, N, num_splits, R: tl.constexpr, U: tl.constexpr):
+    _write_out(ws_ptr, out_ptr, tl.program_id(0), M, N, N // 16, num_splits, R, U)
+
+
+MAX_M = 8  # B's 8 columns
+# (rows, unroll, warps) by (N, K); split-K fills about four waves of programs. One 16-row block a warp and
+# two superblocks a step was the fastest config at all four Llama-3-8B shapes at M = 1 on an H200
+# (benchmarks/check_int4_mma.py, docs/benchmarks.md), so the table holds no exceptions yet.
+TUNED: dict[tuple[int, int], tuple[int, int, int]] = {}
+DEFAULT = (4, 2, 4)
+
+
+def aligned(x: torch.Tensor) -> bool:
+    """Whether ``x`` [M, K] can be read by the kernel: unit last stride, 32-byte aligned rows."""
+    return x.stride(1) == 1 and x.stride(0) % 16 == 0 and x.data_ptr() % 32 == 0
+
+
+def _tuned() -> dict:
+    """TUNED, overridden by ``FRAMEWORK_INT4_MMA_TUNED`` (JSON ``{"NxK": [rows, unroll, warps]}``: sweeps)."""
+    env = os.environ.get("FRAMEWORK_INT4_MMA_TUNED")
+    if not env:
+        return TUNED
+    return {tuple(int(v) for v in key.split("x")): tuple(cfg[:3]) for key, cfg in json.loads(env).items()}
+
+
+def matmul(x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``mma_matmul`` with the measured config for the shape."""
+    rows, unroll, warps = _tuned().get((qweight.shape[0] * 16, x.shape[1]), DEFAULT)
+    return mma_matmul(x, qweight, szp, group_size, rows=rows, unroll=unroll, num_warps=warps)
+
+
+@functools.cache
+def usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Run the kernel once on a small random layer against ``reference_matmul`` (the PTX assumes the layout
+    the compiler gives the main loop; a Triton that lays it out otherwise computes garbage, caught here)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n, k, group = 48, 256, 64
+    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.1 + 0.01).to(dtype)
+    zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(dtype)
+    x = torch.randn(3, k, generator=gen).to(dtype)
+    qw, szp = repack(q).to(device), pack_scales(scales, zeros).to(device)
+    try:
+        out = matmul(x.to(device), qw, szp, group).float().cpu()
+    except Exception as err:  # noqa: BLE001 - an old GPU (no bf16 mma) or a compiler that refuses the PTX
+        logger.warning("int4 tensor-core kernel unusable on %s (%r); int4 decode uses the GEMV", device, err)
+        return False
+    ref = reference_matmul(x, repack(q), pack_scales(scales, zeros), group).float()
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    if not err < 1e-2:
+        logger.warning("int4 tensor-core kernel failed its self-check on %s (relative error %.3g); not used", device, err)
+        return False
+    return True
+
+
+def mma_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
+    rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4,
+) -> torch.Tensor:  # fmt: skip
+    """``x @ W^T`` for ``M <= 8`` rows of 16-bit ``x`` and the layout above (CUDA only)."""
+    M, K = x.shape
+    nb = qweight.shape[0]
+    N = nb * 16
+    if M > MAX_M or x.dtype not in MAGIC_VALUE or x.stride(1) != 1 or x.stride(0) % 16 or x.data_ptr() % 32:
+        raise ValueError(
+            f"mma_matmul takes M <= {MAX_M} rows of 16-bit x with 32-byte aligned rows; got {tuple(x.shape)} {x.dtype}"
+        )
+    sbs = K // 64
+    tiles = triton.cdiv(nb, rows)
+    if split <= 0:
+        split = max(1, min(sbs // unroll, triton.cdiv(4 * num_sms(x.device), tiles)))
+    per = triton.cdiv(triton.cdiv(sbs, split), unroll) * unroll
+    splits = triton.cdiv(sbs, per)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    ws = torch.empty((splits, tiles, rows, 128 * unroll), dtype=torch.float32, device=x.device)
+    cnt = arrival_counters(x.device, tiles)
+    asm, constraints = _asm(x.dtype == torch.bfloat16)
+    _mma_kernel[(tiles, splits)](
+        x, qweight, szp, out, ws, cnt if cnt is not None else ws,
+        M, N, K, x.stride(0), szp.shape[1], per, splits, 2 * K,
+        GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
+        LOAD_ASM=_LOAD_ASM, LOAD_CONSTRAINTS=_LOAD_CONSTRAINTS,
+        num_warps=num_warps, num_stages=1,
+    )  # fmt: skip
+    if cnt is None:
+        _mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, num_warps=4)
+    return out

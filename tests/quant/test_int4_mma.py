@@ -1,0 +1,149 @@
+"""The tensor-core int4 layout (plugins/quant/int4_mma.py).
+
+On the CPU: the layout against an independent reading of its documented bit
+positions, the scale/zero packing, and the torch reference against the
+dequantization of the engine's other int4 layout. The kernel itself is PTX
+inside Triton (the interpreter cannot run it): the CUDA tests check it against
+the reference; ``benchmarks/check_int4_mma.py`` does the same on a GPU at the
+8B shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from plugins.quant import int4_mma
+from plugins.quant.int4_common import apply_int_weight, dequantize, pack_rows, set_int_layout
+
+CUDA = torch.cuda.is_available()
+
+
+def _layer(n: int, k: int, group: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.05 + 0.005).to(dtype)
+    zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(dtype)
+    return q.to(device), scales.to(device), zeros.to(device)
+
+
+def _code_at(words: torch.Tensor, k: int, n: int) -> int:
+    """The code of (input k, output n), read from the module docstring's description of the layout."""
+    r, h, g = n // 16, (n % 16) // 8, n % 8
+    sb, t, j, e = k // 64, (k % 64) // 16, (k % 16) // 4, k % 4
+    lane = 4 * g + t
+    # bits (0-3, 16-19): row g at the lane's inputs 0, 1; (4-7, 20-23): row g+8 at 0, 1;
+    # (8-11, 24-27): row g at 2, 3; (12-15, 28-31): row g+8 at 2, 3
+    bit = {0: 0, 1: 16, 2: 8, 3: 24}[e] + 4 * h
+    return (int(words[r, sb, lane, j]) >> bit) & 15
+
+
+def test_repack_puts_each_code_where_the_layout_says():
+    k, n = 192, 48
+    q, _, _ = _layer(n, k, 64, torch.bfloat16)
+    words = int4_mma.repack(q)
+    assert words.shape == (n // 16, k // 64, 32, 4) and words.dtype == torch.int32
+    gen = torch.Generator().manual_seed(1)
+    for kk, nn_ in zip(torch.randint(0, k, (300,), generator=gen).tolist(), torch.randint(0, n, (300,), generator=gen).tolist()):
+        assert _code_at(words, kk, nn_) == int(q[kk, nn_]), (kk, nn_)
+    assert torch.equal(int4_mma.unpack(words), q)
+
+
+def test_repack_top_code_fills_the_sign_bit():
+    q = torch.full((64, 16), 15, dtype=torch.int32)
+    words = int4_mma.repack(q)
+    assert (words == -1).all()  # 0xFFFFFFFF
+    assert torch.equal(int4_mma.unpack(words), q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pack_scales_round_trip(dtype):
+    _, scales, zeros = _layer(32, 256, 64, dtype)
+    szp = int4_mma.pack_scales(scales, zeros)
+    assert szp.shape == (2, 4, 8, 2)
+    s, z = int4_mma.unpack_scales(szp, dtype)
+    assert torch.equal(s, scales) and torch.equal(z, zeros)
+    # word (r, gi, g, 0): -(magic + zero) of rows 16r+g (low half) and 16r+g+8 (high half)
+    low = torch.tensor([int(szp[1, 2, 3, 0]) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dtype)
+    assert float(low) == -(int4_mma.MAGIC_VALUE[dtype] + float(zeros[2, 16 + 3]))
+    high = torch.tensor([(int(szp[1, 2, 3, 1]) >> 16) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dtype)
+    assert float(high) == float(scales[2, 16 + 8 + 3])
+
+
+def test_pack_scales_rejects_what_it_cannot_hold():
+    _, scales, zeros = _layer(16, 64, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="zero points"):
+        int4_mma.pack_scales(scales, zeros + 0.5)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        int4_mma.pack_scales(scales.float(), zeros.float())
+
+
+@pytest.mark.parametrize("group", [64, 128, 256])
+def test_reference_matches_the_other_layout(group):
+    k, n = 256, 64
+    q, scales, zeros = _layer(n, k, group, torch.bfloat16, seed=group)
+    x = torch.randn(3, k).to(torch.bfloat16)
+    ref = int4_mma.reference_matmul(x, int4_mma.repack(q), int4_mma.pack_scales(scales, zeros), group)
+    w = dequantize(pack_rows(q, 4), scales, zeros, 4, group)  # [N, K] in bf16
+    expect = (x.float() @ w.float().t()).to(torch.bfloat16)
+    torch.testing.assert_close(ref, expect, rtol=0, atol=0)
+
+
+def test_supported_shapes():
+    assert int4_mma.supported(4096, 4096, 128, 4)
+    assert int4_mma.supported(48, 320, 320, 4)
+    assert not int4_mma.supported(4096, 4096, 128, 8)
+    assert not int4_mma.supported(40, 4096, 128, 4)  # rows not a multiple of 16
+    assert not int4_mma.supported(4096, 4096, 32, 4)  # a superblock would span two groups
+    assert int4_mma.supported(64, 4160, 4160, 4)  # 65 superblocks, one group
+    assert not int4_mma.supported(64, 4128, 4128, 4)  # K not a multiple of 64
+
+
+def test_aligned():
+    x = torch.zeros(4, 128, dtype=torch.bfloat16)
+    assert int4_mma.aligned(x)
+    assert not int4_mma.aligned(x[:, 1:])
+    assert not int4_mma.aligned(x.t())
+
+
+def test_cpu_layers_keep_one_copy():
+    layer = nn.Module()
+    q, scales, zeros = _layer(32, 128, 64, torch.bfloat16)
+    set_int_layout(layer, pack_rows(q, 4), scales, zeros, None, 4, 64)
+    assert layer.mma_qweight is None and layer.mma_szp is None
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    expect = int4_mma.reference_matmul(x, int4_mma.repack(q), int4_mma.pack_scales(scales, zeros), 64)
+    torch.testing.assert_close(apply_int_weight(layer, x), expect, rtol=2e-2, atol=2e-2)
+
+
+# -- CUDA --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group", [(48, 256, 64), (160, 512, 128), (80, 320, 320), (4096, 4096, 128)])
+def test_kernel_matches_reference(dtype, n, k, group):
+    q, scales, zeros = _layer(n, k, group, dtype, device="cuda")
+    qw, szp = int4_mma.repack(q), int4_mma.pack_scales(scales, zeros)
+    for m in (1, 2, 5, 8):
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        ref = int4_mma.reference_matmul(x, qw, szp, group).float()
+        for rows, unroll, split in ((4, 2, 0), (4, 1, 1), (8, 2, 3)):
+            out = int4_mma.mma_matmul(x, qw, szp, group, rows=rows, unroll=unroll, split=split).float()
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-2, (m, rows, unroll, split, err)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_layers_take_the_kernel_for_few_rows():
+    layer = nn.Module()
+    q, scales, zeros = _layer(64, 256, 128, torch.bfloat16, device="cuda")
+    set_int_layout(layer, pack_rows(q, 4), scales, zeros, None, 4, 128)
+    assert int4_mma.usable(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+    assert layer.mma_qweight is not None
+    for m in (1, 8, 9):  # 9 rows: the other kernels
+        x = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
+        ref = int4_mma.reference_matmul(x, layer.mma_qweight, layer.mma_szp, 128).float()
+        out = apply_int_weight(layer, x).float()
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-2
