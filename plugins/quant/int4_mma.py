@@ -1,4 +1,4 @@
-"""int4 weight-only linears for few rows (M <= 8 per column block) on the tensor cores, Marlin-style.
+"""int4 weight-only linears for decode steps of at most 8 rows, on the tensor cores (Marlin-style).
 
 The packed weights are reordered once at load time (``repack``) so that each
 thread's 32-bit word holds exactly the eight 4-bit codes of its share of one
@@ -16,18 +16,20 @@ per four words), so it runs on CUDA only (sm_80 and newer); the Triton
 interpreter cannot run it, and the CPU tests check the layout with
 ``unpack`` / ``reference_matmul`` instead.
 
-Layout (``N`` output features, ``K`` inputs; ``N % 16 == 0``, ``K % 64 == 0``)::
+Layout (``N`` output features, ``K`` inputs; ``N % 16 == 0``, ``K % 64 == 0``, the
+group size a multiple of 64)::
 
-    qweight  int32 [N // 16, K // 64, 32, 4]   word (r, sb, lane, j) feeds k-block kb = 4 sb + j of row block r
+    qweight  int32 [N // 16, K // 64, 32, 4]   word (r, sb, lane, j): mma j of superblock sb, row block r
     szp      int32 [N // 16, G, 8, 2]          (r, gi, g, 0): -(magic + zero) of rows 16r+g | 16r+g+8 (16-bit
                                                halves, low first); (r, gi, g, 1): their scales
 
-Lane ``L = 4 g + t`` of an m16n8k16 holds rows ``g`` and ``g + 8`` of the 16-row
-block and, in the k-block, the logical columns ``2t, 2t+1, 2t+8, 2t+9``; here they
-are the physical inputs ``16 kb + 4t + (0, 1, 2, 3)``, so a lane's four
-activations per k-block are 8 contiguous bytes. Bits of the word: (0-3, 16-19)
-= row g at inputs 4t, 4t+1; (4-7, 20-23) = row g+8 at 4t, 4t+1; (8-11, 24-27) =
-row g at 4t+2, 4t+3; (12-15, 28-31) = row g+8 at 4t+2, 4t+3.
+A superblock is 64 inputs, four mma of 16. Lane ``L = 4 g + t`` of an m16n8k16
+holds rows ``g`` and ``g + 8`` of the 16-row block and four of the mma's inputs
+(its logical columns ``2t, 2t+1, 2t+8, 2t+9``); for mma ``j`` of superblock ``sb``
+they are the inputs ``64 sb + 16 t + 4 j + e``, ``e = 0..3``, so a lane's 16
+activations of a superblock are 32 contiguous bytes. Bits of the word: (0-3,
+16-19) = row g at e = 0, 1; (4-7, 20-23) = row g+8 at e = 0, 1; (8-11, 24-27) =
+row g at e = 2, 3; (12-15, 28-31) = row g+8 at e = 2, 3.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     g_count, n = scales.shape
     negz = -(zeros.float() + float(MAGIC_VALUE[dtype]))
     if not torch.equal(negz, negz.to(dtype).float()):
-        raise ValueError("zero points must be integers in [0, 15] for the mma layout")
+        raise ValueError("zero points must be small integers (exact after adding the magic) for the mma layout")
 
     def halves(t: torch.Tensor) -> torch.Tensor:  # [G, N] -> [N//16, G, 8, 2 halves] 16-bit patterns
         bits = t.to(dtype).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
@@ -101,7 +103,6 @@ def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     z, s = halves(negz), halves(scales)
     words = torch.stack([z[..., 0] | (z[..., 1] << 16), s[..., 0] | (s[..., 1] << 16)], dim=-1).to(torch.int64)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
-
 
 
 def unpack_scales(szp: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,10 +256,9 @@ def _mma_kernel(
     NB = N // 16
     rb = pid_n * R + tl.arange(0, R)  # 16-row blocks
     rb_mask = rb < NB
-    c = tl.arange(0, 128 * U)  # (u, lane, j)
+    c = tl.arange(0, 128 * U)  # (u, lane, j): word j of the lane's four in superblock u of the step
     u = c // 128
     lane = (c % 128) // 4
-    j = c % 4
     g = lane // 4
     t = lane % 4
     acc = tl.zeros([R, 128 * U], dtype=tl.float32)
