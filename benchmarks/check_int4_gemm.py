@@ -231,8 +231,7 @@ def _cfg_str(cfg) -> str:
         return "-"
     if cfg.kind == "dequant":
         return "dequant+mm"
-    grouped = " grouped" if getattr(cfg, "grouped", False) else ""
-    return f"{cfg.kind} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}{grouped}"
+    return f"{cfg.kind} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}"
 
 
 def decode_floor(rows, bw_gbs) -> dict:

@@ -33,7 +33,6 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    grouped: bool = False  # gemv, several groups a step: one scale load per group (``triton_int4``)
 
 
 def _block_k(group_size: int, wanted: int, k: int = 0) -> int:
@@ -89,12 +88,6 @@ _GEMM_TILES = (  # (block_m, block_n, block_k, warps, stages) for M > 64
 )  # fmt: skip
 
 
-# The grouped gemv step (``Config.grouped``) joins the tuning candidates with FRAMEWORK_INT4_GROUPED=1 only:
-# on an H200 (``FRAMEWORK_INT4_GROUPED=1 benchmarks/check_int4_gemm.py --sweep``, 2026-11-21) the best one-row
-# times with it (qkv 14.7, o 12.8, gate_up 40.9, down 25.0 us) were within noise of those without.
-TUNE_GROUPED = os.environ.get("FRAMEWORK_INT4_GROUPED", "0") == "1"
-
-
 def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device) -> list[Config]:
     """What tuning times for the bucket ``m`` (the heuristic first)."""
     sms = num_sms(device)
@@ -106,9 +99,6 @@ def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.dev
             out += [Config("gemv", 1, bn, bk, 1, warps, stages) for stages in (1, 3, 5)]
             for waves in (1, 2, 4, 8):
                 out.append(Config("gemv", 1, bn, bk, _split_for(tiles, kb, waves * sms), warps, 3))
-        if TUNE_GROUPED:  # the same tiles with one scale load per group (where a step spans several)
-            out += [dataclasses.replace(c, grouped=True) for c in out
-                    if c.kind == "gemv" and _block_k(group_size, c.block_k, k) > group_size]  # fmt: skip
     elif m <= 64:
         bm = min(64, max(16, triton.next_power_of_2(m)))
         for bn, bk, warps, stages in _GEMM_SMALL_TILES:

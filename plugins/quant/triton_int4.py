@@ -19,9 +19,9 @@ Three paths, picked per (M bucket, N, K, group, bits, dtype):
   Products are summed per packed row before the scale:
   ``sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k)``. A step may
   span several groups (BLOCK_K a multiple of a power-of-two group_size that
-  divides K); scales and zeros are then read per packed row (L1 hits), or,
-  with ``Config.grouped``, each group's rows are summed first and its scale
-  and zero read once per column (fewer loads; not yet timed on a GPU).
+  divides K); scales and zeros are then read per packed row (L1 hits). (For
+  4-bit layers on CUDA, decode steps of up to 8 rows take the tensor-core
+  kernel of ``plugins.quant.int4_mma`` instead, on its own copy of the codes.)
 * ``gemm``: a [BLOCK_M, BLOCK_N] output tile; each K step dequantizes a
   [BLOCK_K, BLOCK_N] tile to x.dtype in registers and ``tl.dot``s it with the
   x tile. Optional split-K for small M. BLOCK_K divides group_size.
@@ -111,7 +111,6 @@ def _gemv_kernel(
     blocks_per_split, num_splits,  # K steps per program along axis 1; programs along axis 1
     GROUP: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KP: tl.constexpr, REDUCE: tl.constexpr,
-    GROUPED: tl.constexpr,  # several groups a step: sum each group's rows, then one scale row per group
 ):
 # fmt: on
     MASK = (1 << BITS) - 1
@@ -124,7 +123,6 @@ def _gemv_kernel(
     kb0 = pid_k * blocks_per_split
     kb1 = tl.minimum(kb0 + blocks_per_split, K // BLOCK_K)
     acc = tl.zeros([BLOCK_KP, BLOCK_N], dtype=tl.float32)
-    acc_n = tl.zeros([BLOCK_N], dtype=tl.float32)  # GROUPED: per-step sums over groups land here
     for kb in range(kb0, kb1):
         rows = kb * BLOCK_KP + offs_r
         qw = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
@@ -147,23 +145,12 @@ def _gemv_kernel(
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             acc += s[None, :] * (part - z[None, :] * xsum[:, None])
-        elif GROUPED:  # BLOCK_K // GROUP groups per step: each group's rows summed, one scale row per group
-            GPS: tl.constexpr = BLOCK_K // GROUP
-            psum = tl.sum(tl.reshape(part, (GPS, BLOCK_KP // GPS, BLOCK_N)), axis=1)  # [GPS, BLOCK_N]
-            xg = tl.sum(tl.reshape(xsum, (GPS, BLOCK_KP // GPS)), axis=1)  # [GPS]
-            g = (kb * BLOCK_K) // GROUP + tl.arange(0, GPS)
-            sg = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
-            zg = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
-            acc_n += tl.sum(sg * (psum - zg * xg[:, None]), axis=0)
         else:  # BLOCK_K // GROUP groups per step: scales and zeros per packed row (L1 hits)
             g2 = ((rows * PACK) // GROUP)[:, None] * N + offs_n[None, :]
             s2 = tl.load(s_ptr + g2, mask=n_mask[None, :], other=0.0).to(tl.float32)
             z2 = tl.load(z_ptr + g2, mask=n_mask[None, :], other=0.0).to(tl.float32)
             acc += s2 * (part - z2 * xsum[:, None])
-    if GROUPED and BLOCK_K > GROUP:
-        y = acc_n
-    else:
-        y = tl.sum(acc, axis=0)
+    y = tl.sum(acc, axis=0)
     _finish(y, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k, num_splits, N, REDUCE)
 
 
@@ -299,7 +286,7 @@ def _run_gemv(x, qweight, scales, zeros, group_size, bits, cfg: Config) -> torch
     _gemv_kernel[(tiles, splits)](
         x, qweight, scales, zeros, out, ws, cnt if cnt is not None else out, N, K, per, splits,
         GROUP=group_size, BITS=bits, PACK=32 // bits, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_KP=bk * bits // 32,
-        REDUCE=reduce, GROUPED=cfg.grouped and bk > group_size, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        REDUCE=reduce, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if reduce == 1:
         _sum_splits(ws, out)

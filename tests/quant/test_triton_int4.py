@@ -103,7 +103,6 @@ def test_matches_reference(m, bits, group, dtype):
 PATHS = [
     (1, Config("gemv", 1, 32, 32, split_k=3)),
     (1, Config("gemv", 1, 256, 64, split_k=1)),
-    (1, Config("gemv", 1, 64, 128, split_k=2, grouped=True)),  # 4 groups of 32 a step, one scale row each
     (5, Config("gemm", 16, 32, 32, split_k=3)),
     (33, Config("gemm", 64, 64, 32, split_k=2)),
     (33, Config("gemm", 16, 256, 32, split_k=1)),
@@ -117,7 +116,7 @@ PATHS = [
 @pytest.mark.parametrize(
     "m,config",
     PATHS,
-    ids=[f"{c.kind}-m{m}-s{c.split_k}-n{c.block_n}{'-grouped' * c.grouped}" for m, c in PATHS],
+    ids=[f"{c.kind}-m{m}-s{c.split_k}-n{c.block_n}" for m, c in PATHS],
 )
 def test_paths(m, config, bits, dtype):
     run_case(m, 72, 256, 32, bits, dtype, config=config, seed=3)
@@ -133,11 +132,10 @@ def test_paths(m, config, bits, dtype):
         # uneven: 8 steps over 4 programs of 2; a gemm tile
         (1, Config("gemv", 1, 32, 128, split_k=2)),
         (1, Config("gemv", 1, 64, 64, split_k=4)),
-        (1, Config("gemv", 1, 32, 128, split_k=2, grouped=True)),  # one scale row per group
         (1, Config("gemv", 1, 16, 32, split_k=5)),
         (7, Config("gemm", 16, 32, 32, split_k=4)),
     ],
-    ids=["gemv-multigroup-s2", "gemv-multigroup-s4", "gemv-grouped-s2", "gemv-s5", "gemm-s4"],
+    ids=["gemv-multigroup-s2", "gemv-multigroup-s4", "gemv-s5", "gemm-s4"],
 )
 def test_split_reduction(m, config, serial, monkeypatch):
     """Split-K partial sums added in the kernel (arrival counters) or by the second kernel; the counters
@@ -260,15 +258,3 @@ def test_m_bucket_and_capture_free_choice():
     ]
     cfg = int4_configs.heuristic_config(1, 4096, 4096, 128, torch.device(DEVICE))
     assert cfg.kind == "gemv" and cfg.split_k >= 1
-
-
-def test_grouped_candidates_join_tuning_only_when_asked(monkeypatch):
-    """``FRAMEWORK_INT4_GROUPED=1`` adds the grouped variant of each multi-group gemv tile, and those run right."""
-    device = torch.device(DEVICE)
-    monkeypatch.setattr(int4_configs, "TUNE_GROUPED", False)
-    assert not any(c.grouped for c in int4_configs.candidate_configs(1, 72, 256, 32, device))
-    monkeypatch.setattr(int4_configs, "TUNE_GROUPED", True)
-    grouped = [c for c in int4_configs.candidate_configs(1, 72, 256, 32, device) if c.grouped]
-    assert grouped and all(c.kind == "gemv" and int4_configs._block_k(32, c.block_k, 256) > 32 for c in grouped)
-    for cfg in grouped[:2]:
-        run_case(1, 72, 256, 32, 4, torch.float32, config=cfg, seed=5)
