@@ -144,7 +144,7 @@ def apply_int_weight(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     if layer.perm is not None:
         x2d = x2d.index_select(1, layer.perm)
     matmul = _triton_matmul() if x.is_cuda else None
-    if getattr(layer, "mma_qweight", None) is not None and x.dtype == layer.scales.dtype and x2d.shape[0] <= 8:
+    if getattr(layer, "mma_qweight", None) is not None and x.dtype == layer.scales.dtype and 0 < x2d.shape[0] <= 8:
         from plugins.quant import int4_mma
 
         x2d = x2d.contiguous()
