@@ -11,7 +11,11 @@
    (``triton_gemv.gemv``, our decode GEMV, and ``F.linear``), with each
    figure's bytes and GB/s against a device-to-device copy.
 
-    python3 benchmarks/check_int4_mma.py [--out DIR] [--quick]
+    python3 benchmarks/check_int4_mma.py [--out DIR] [--quick | --extended]
+
+The best config of each shape is printed (``best``) as ``mma_matmul`` keywords
+with its split; ``FRAMEWORK_INT4_MMA_TUNED='{"NxK": {...}}'`` runs the engine
+with them (without the split, which the launcher picks).
 """
 
 from __future__ import annotations
@@ -61,11 +65,11 @@ def correctness(failures: list) -> list[dict]:
         for m in (1, 2, 3, 5, 8):
             x = torch.randn(m, k, device=DEV, dtype=dtype)
             ref = int4_mma.reference_matmul(x, qw, szp, group).float()
-            for rows_, unroll, split in ((4, 1, 1), (8, 2, 0), (4, 2, 3)):
-                out = int4_mma.mma_matmul(x, qw, szp, group, rows=rows_, unroll=unroll, split=split).float()
+            for kw in CHECKED:
+                out = int4_mma.mma_matmul(x, qw, szp, group, **kw).float()
                 err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
                 ok = ok_layout and bool(torch.isfinite(out).all()) and err < 2e-2
-                rows.append({"n": n, "k": k, "group": group, "dtype": str(dtype), "m": m, "cfg": [rows_, unroll, split],
+                rows.append({"n": n, "k": k, "group": group, "dtype": str(dtype), "m": m, "cfg": kw,
                              "err": err, "ok": ok})  # fmt: skip
                 if not ok:
                     failures.append(rows[-1])
@@ -73,18 +77,32 @@ def correctness(failures: list) -> list[dict]:
     return rows
 
 
-def configs(quick: bool):
-    rows = (4, 8, 16) if not quick else (4, 8)
-    unroll = (1, 2, 4) if not quick else (1, 2, 4)
-    warps = (4, 8)
-    waves = (0, 1, 2, 4) if not quick else (0, 2)
-    for r, u, w, wave in itertools.product(rows, unroll, warps, waves):
-        if r < w or r * u > 32 or (quick and r != w):
+CHECKED = [  # configs the correctness pass runs (split 0: the launcher's choice)
+    dict(rows=4, unroll=1, split=1),
+    dict(rows=8, unroll=2, split=0, num_warps=8),
+    dict(rows=4, unroll=2, split=3),
+    dict(rows=4, unroll=2, split=0, depth=2),
+    dict(rows=1, unroll=1, split=2, num_warps=1, depth=2, evict="evict_first"),
+]
+
+
+def configs(mode: str):
+    """mma_matmul keyword sets to time (each with ``waves``: split-K to that many waves, 0 the default)."""
+    if mode == "extended":  # prefetch depth and the weight stream's eviction policy, small programs
+        grid = itertools.product(((1, 1), (2, 2), (4, 4), (8, 8)), (1, 2, 4), ((1, ""), (2, ""), (2, "evict_first")), (0, 8))
+        for (r, w), u, (depth, evict), wave in grid:
+            if r * u <= 32:
+                yield dict(rows=r, unroll=u, num_warps=w, depth=depth, evict=evict), wave
+        return
+    rows = (4, 8, 16) if mode == "full" else (4, 8)
+    waves = (0, 1, 2, 4) if mode == "full" else (0, 2)
+    for r, u, w, wave in itertools.product(rows, (1, 2, 4), (4, 8), waves):
+        if r < w or r * u > 32 or (mode == "quick" and r != w):
             continue
-        yield r, u, w, wave
+        yield dict(rows=r, unroll=u, num_warps=w), wave
 
 
-def sweep(bw: float, quick: bool, reps: int) -> list[dict]:
+def sweep(bw: float, mode: str, reps: int) -> list[dict]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     out = []
@@ -98,7 +116,7 @@ def sweep(bw: float, quick: bool, reps: int) -> list[dict]:
         old_q = pack_rows(q, 4)
         olds = [old_q.clone() for _ in range(copies)]
         w16 = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(max(2, math.ceil(3 * l2 / (n * k * 2))))]
-        for m in (1, 8) if not quick else (1,):
+        for m in (1, 8) if mode == "full" else (1,):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             row = {"shape": name, "n": n, "k": k, "m": m, "int4_bytes": nbytes_int4, "bf16_bytes": n * k * 2}
             row["old_int4_us"] = graph_time_us([lambda w=w: triton_int4.int4_matmul(x, w, s, z, group) for w in olds], reps)
@@ -106,14 +124,13 @@ def sweep(bw: float, quick: bool, reps: int) -> list[dict]:
             row["bf16_gemv_us"] = graph_time_us([lambda w=w: triton_gemv.gemv(x, w) for w in w16], reps) if m <= triton_gemv.MAX_M else None
             best = (None, float("inf"))
             row["mma"] = {}
-            for r, u, w, wave in configs(quick):
-                nb = n // 16
-                tiles = -(-nb // r)
-                split = 0 if wave == 0 else max(1, min(k // 64 // u, -(-wave * sms // tiles)))
-                key = f"R{r}/U{u}/W{w}/S{split}"
+            for kw, wave in configs(mode):
+                tiles = -(-(n // 16) // kw["rows"])
+                split = 0 if wave == 0 else max(1, min(k // 64 // kw["unroll"], -(-wave * sms // tiles)))
+                key = json.dumps({**kw, "split": split}, sort_keys=True)
                 try:
                     us = graph_time_us(
-                        [lambda qw=qw: int4_mma.mma_matmul(x, qw, szp, group, rows=r, unroll=u, split=split, num_warps=w)
+                        [lambda qw=qw, kw=kw, split=split: int4_mma.mma_matmul(x, qw, szp, group, split=split, **kw)
                          for qw in qws],
                         reps,
                     )
@@ -123,7 +140,7 @@ def sweep(bw: float, quick: bool, reps: int) -> list[dict]:
                 row["mma"][key] = round(us, 2)
                 if us < best[1]:
                     best = (key, us)
-            row["best"] = best[0]
+            row["best"] = json.loads(best[0]) if best[0] else None
             row["best_us"] = best[1]
             row["best_gbps"] = nbytes_int4 / best[1] / 1e3
             row["copy_gbps"] = bw / 1e9
@@ -140,7 +157,8 @@ T0 = time.time()
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer configs, M = 1 only")
+    ap.add_argument("--extended", action="store_true", help="prefetch depth, eviction policy, small programs (M = 1)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args()
@@ -159,7 +177,12 @@ def main() -> int:
         bw = copy_bandwidth()
         print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
         result["copy_gbps"] = bw / 1e9
-        result["sweep"] = sweep(bw, args.quick, args.reps)
+        mode = "extended" if args.extended else "quick" if args.quick else "full"
+        result["sweep"] = sweep(bw, mode, args.reps)
+        tuned = {f"{r['n']}x{r['k']}": {k: v for k, v in r["best"].items() if k != "split"}
+                 for r in result["sweep"] if r["m"] == 1 and r["best"]}  # fmt: skip
+        result["tuned_env"] = json.dumps(tuned)
+        print(f"FRAMEWORK_INT4_MMA_TUNED='{result['tuned_env']}'", flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "int4_mma.json").write_text(json.dumps(result, indent=1))

@@ -212,6 +212,13 @@ def _load_step(x_row, x_dead, z_rows, sb, sb1, u, K, GROUP: tl.constexpr, LOAD_A
 
 
 @triton.jit
+def _load_words(w_rows, c, rb_mask, sb, sb1, u, EVICT: tl.constexpr):
+    """The step's weight words ``[R, 128 U]`` (zeros past the split or the last row block)."""
+    return tl.load(w_rows + sb * 128 + c[None, :], mask=rb_mask[:, None] & (sb + u < sb1)[None, :], other=0,
+                   eviction_policy=EVICT)  # fmt: skip
+
+
+@triton.jit
 def _write_out(ws_ptr, out_ptr, tile, M, N, NB, num_splits, R: tl.constexpr, U: tl.constexpr):
     """out[m, n] for the tile's rows: the fragment-ordered partials of every split and unroll slot, summed in
     order. ws: fp32 [S, tiles, R, 128 U]; element (r, 128 u + 4 lane + i) is D[i] of that lane for row block r."""
@@ -245,6 +252,8 @@ def _mma_kernel(
     row_words,  # 2 * K: int32 words per 16-row block
     GROUP: tl.constexpr, R: tl.constexpr, U: tl.constexpr, SERIAL: tl.constexpr,
     ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, LOAD_ASM: tl.constexpr, LOAD_CONSTRAINTS: tl.constexpr,
+    DEPTH: tl.constexpr = 1,  # steps of weight words in flight ahead of the one computing (1 or 2)
+    EVICT: tl.constexpr = "",  # eviction policy of the weight stream ("" or "evict_first")
 ):
 # fmt: on
     # Every tensor of the main loop is [R, 128 U] and reaches memory only through loads and stores contiguous
@@ -268,11 +277,16 @@ def _mma_kernel(
     x_row = (x_ptr + g * sxm + t * 16).to(tl.int64, bitcast=True)
     x_dead = g - M  # >= 0: B's column is past M (zeros)
     z_rows = (sz_ptr + (tl.minimum(rb, NB - 1)[:, None] * G * 8 + g[None, :]) * 2).to(tl.int64, bitcast=True)
-    qw = tl.load(w_rows + sb0 * 128 + c[None, :], mask=rb_mask[:, None] & (sb0 + u < sb1)[None, :], other=0)
+    qw = _load_words(w_rows, c, rb_mask, sb0, sb1, u, EVICT)
+    qw_later = _load_words(w_rows, c, rb_mask, sb0 + U, sb1, u, EVICT)  # DEPTH 2: two steps ahead
     xv, zv = _load_step(x_row, x_dead, z_rows, sb0, sb1, u, K, GROUP, LOAD_ASM, LOAD_CONSTRAINTS)
     for sb in range(sb0, sb1, U):
         nxt = sb + U  # the next step's loads are in flight while this step computes
-        qw_next = tl.load(w_rows + nxt * 128 + c[None, :], mask=rb_mask[:, None] & (nxt + u < sb1)[None, :], other=0)
+        if DEPTH == 2:
+            qw_next = qw_later
+            qw_later = _load_words(w_rows, c, rb_mask, sb + 2 * U, sb1, u, EVICT)
+        else:
+            qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
         xv_next, zv_next = _load_step(x_row, x_dead, z_rows, nxt, sb1, u, K, GROUP, LOAD_ASM, LOAD_CONSTRAINTS)
         acc = tl.inline_asm_elementwise(ASM, CONSTRAINTS, [qw, acc, xv, zv], dtype=tl.float32, is_pure=True, pack=4)
         qw, xv, zv = qw_next, xv_next, zv_next
@@ -293,11 +307,13 @@ def _mma_out_kernel(ws_ptr, out_ptr, M, N, num_splits, R: tl.constexpr, U: tl.co
 
 
 MAX_M = 8  # B's 8 columns
-# (rows, unroll, warps) by (N, K); split-K fills about four waves of programs. One 16-row block a warp and
-# two superblocks a step was the fastest config at all four Llama-3-8B shapes at M = 1 on an H200
-# (benchmarks/check_int4_mma.py, docs/benchmarks.md), so the table holds no exceptions yet.
-TUNED: dict[tuple[int, int], tuple[int, int, int]] = {}
-DEFAULT = (4, 2, 4)
+# mma_matmul's keyword arguments by (N, K); split-K fills about four waves of programs. One 16-row block a
+# warp and two superblocks a step was the fastest config at all four Llama-3-8B shapes at M = 1 on an H200
+# (benchmarks/check_int4_mma.py, docs/benchmarks.md), so the table holds no exceptions yet. ``depth`` and
+# ``evict`` (weight words two steps ahead; an evict-first weight stream) are not yet timed on a GPU:
+# ``check_int4_mma.py --extended`` sweeps them.
+TUNED: dict[tuple[int, int], dict] = {}
+DEFAULT = {"rows": 4, "unroll": 2, "num_warps": 4}
 
 
 def aligned(x: torch.Tensor) -> bool:
@@ -306,17 +322,16 @@ def aligned(x: torch.Tensor) -> bool:
 
 
 def _tuned() -> dict:
-    """TUNED, overridden by ``FRAMEWORK_INT4_MMA_TUNED`` (JSON ``{"NxK": [rows, unroll, warps]}``: sweeps)."""
+    """TUNED, overridden by ``FRAMEWORK_INT4_MMA_TUNED`` (JSON ``{"NxK": {"rows": 4, ...}}``: for sweeps)."""
     env = os.environ.get("FRAMEWORK_INT4_MMA_TUNED")
     if not env:
         return TUNED
-    return {tuple(int(v) for v in key.split("x")): tuple(cfg[:3]) for key, cfg in json.loads(env).items()}
+    return {tuple(int(v) for v in key.split("x")): dict(cfg) for key, cfg in json.loads(env).items()}
 
 
 def matmul(x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int) -> torch.Tensor:
     """``mma_matmul`` with the measured config for the shape."""
-    rows, unroll, warps = _tuned().get((qweight.shape[0] * 16, x.shape[1]), DEFAULT)
-    return mma_matmul(x, qweight, szp, group_size, rows=rows, unroll=unroll, num_warps=warps)
+    return mma_matmul(x, qweight, szp, group_size, **_tuned().get((qweight.shape[0] * 16, x.shape[1]), DEFAULT))
 
 
 @functools.cache
@@ -345,7 +360,7 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
 
 def mma_matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
-    rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4,
+    rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
 ) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 8`` rows of 16-bit ``x`` and the layout above (CUDA only)."""
     M, K = x.shape
@@ -369,7 +384,7 @@ def mma_matmul(
         x, qweight, szp, out, ws, cnt if cnt is not None else ws,
         M, N, K, x.stride(0), szp.shape[1], per, splits, 2 * K,
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
-        LOAD_ASM=_LOAD_ASM, LOAD_CONSTRAINTS=_LOAD_CONSTRAINTS,
+        LOAD_ASM=_LOAD_ASM, LOAD_CONSTRAINTS=_LOAD_CONSTRAINTS, DEPTH=depth, EVICT=evict,
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     if cnt is None:

@@ -129,10 +129,15 @@ def test_kernel_matches_reference(dtype, n, k, group):
     for m in (1, 2, 5, 8):
         x = torch.randn(m, k, device="cuda").to(dtype)
         ref = int4_mma.reference_matmul(x, qw, szp, group).float()
-        for rows, unroll, split in ((4, 2, 0), (4, 1, 1), (8, 2, 3)):
-            out = int4_mma.mma_matmul(x, qw, szp, group, rows=rows, unroll=unroll, split=split).float()
+        for kw in (
+            dict(rows=4, unroll=2, split=0),
+            dict(rows=4, unroll=1, split=1),
+            dict(rows=8, unroll=2, split=3, num_warps=8),
+            dict(rows=2, unroll=2, split=0, num_warps=2, depth=2, evict="evict_first"),
+        ):
+            out = int4_mma.mma_matmul(x, qw, szp, group, **kw).float()
             err = ((out - ref).abs().max() / ref.abs().max()).item()
-            assert err < 1e-2, (m, rows, unroll, split, err)
+            assert err < 1e-2, (m, kw, err)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
