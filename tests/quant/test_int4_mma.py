@@ -1,11 +1,12 @@
 """The tensor-core int4 layout (plugins/quant/int4_mma.py).
 
 On the CPU: the layout against an independent reading of its documented bit
-positions, the scale/zero packing, and the torch reference against the
-dequantization of the engine's other int4 layout. The kernel itself is PTX
-inside Triton (the interpreter cannot run it): the CUDA tests check it against
-the reference; ``benchmarks/check_int4_mma.py`` does the same on a GPU at the
-8B shapes.
+positions, the scale/zero packing, the torch reference against the
+dequantization of the engine's other int4 layout, and the kernel's inline PTX
+run on an emulated warp (``ptx_emu``) with the operands the Triton loop gives
+each lane. The Triton interpreter cannot run inline asm, so the kernel as
+compiled is checked by the CUDA tests here and ``benchmarks/check_int4_mma.py``
+on a GPU (and by ``int4_mma.usable`` at load time).
 """
 
 from __future__ import annotations
@@ -152,3 +153,56 @@ def test_cuda_layers_take_the_kernel_for_few_rows():
         ref = int4_mma.reference_matmul(x, layer.mma_qweight, layer.mma_szp, 128).float()
         out = apply_int_weight(layer, x).float()
         assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+# -- the PTX, emulated on the CPU --------------------------------------------------------------------
+
+
+def _emulate(x: torch.Tensor, qw: torch.Tensor, szp: torch.Tensor, group: int) -> torch.Tensor:
+    """The kernel's per-lane work for one warp a 16-row block over all of K (no split), through ptx_emu:
+    the operands are built as ``_mma_kernel`` builds them (lane L = 4 g + t holds words 4L..4L+3)."""
+    from tests.quant.ptx_emu import Memory, Warp, bits_to_f32
+
+    m_rows, k = x.shape
+    nb, sbs = qw.shape[:2]
+    g_count = szp.shape[1]
+    mem = Memory()
+    x_base, z_base = mem.place(x), mem.place(szp)
+    warp = Warp(mem)
+    asm, constraints = int4_mma._asm(x.dtype == torch.bfloat16)
+    lanes = range(32)
+    out = torch.zeros(m_rows, nb * 16, dtype=torch.float64)
+    for r in range(nb):
+        acc = [[0] * 32 for _ in range(4)]  # fp32 bits of D[i] a lane
+        for sb in range(sbs):
+            x_addr = [x_base + ((L // 4) * k + (L % 4) * 16) * 2 + sb * 128 for L in lanes]
+            z_addr = [z_base + (((r * g_count + sb * 64 // group) * 8 + L // 4) * 2) * 4 for L in lanes]
+            dead = [(L // 4) - m_rows for L in lanes]
+            loaded = warp.run(int4_mma._LOAD_ASM, int4_mma._LOAD_CONSTRAINTS,
+                              [[0] * 32] * 8 + [x_addr] * 4 + [z_addr] * 4 + [dead] * 4)  # fmt: skip
+            words = [[int(qw[r, sb, L, j]) & 0xFFFFFFFF for L in lanes] for j in range(4)]
+            acc = warp.run(asm, constraints, [[0] * 32] * 4 + words + acc + loaded[0:4] + loaded[4:8])[0:4]
+        for L in lanes:
+            g, t = L // 4, L % 4
+            for i in range(4):
+                m = 2 * t + i % 2
+                if m < m_rows:
+                    out[m, 16 * r + g + 8 * (i // 2)] = bits_to_f32(acc[i][L])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,group", [(1, 64), (3, 128), (8, 128)])
+def test_ptx_matches_reference(dtype, m, group):
+    """The asm strings themselves (dequantize, scale, fragments, loads) on an emulated warp."""
+    k, n = 128, 32
+    q, scales, zeros = _layer(n, k, group, dtype, seed=7 + m)
+    qw, szp = int4_mma.repack(q), int4_mma.pack_scales(scales, zeros)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    out = _emulate(x, qw, szp, group)
+    # the reference: weights dequantized to x's dtype (the kernel's one rounding), products summed exactly
+    s, z = int4_mma.unpack_scales(szp, dtype)
+    g = torch.arange(k) // group
+    w = ((q.double() - z.double()[g]) * s.double()[g]).to(dtype).double()
+    ref = x.double() @ w
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
