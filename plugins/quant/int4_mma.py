@@ -292,7 +292,10 @@ def _mma_kernel(
         qw, xv, zv = qw_next, xv_next, zv_next
     tiles = tl.num_programs(0)
     ws_tile = ws_ptr + ((pid_k * tiles + pid_n) * R) * (128 * U)
-    tl.store(ws_tile + tl.arange(0, R)[:, None] * (128 * U) + c[None, :], acc)
+    # only the accumulators of B's first M columns (D[i] of lane 4g + t is column 2t + i % 2): at M = 1 an
+    # eighth of the tile, which matters when split-K partials are a fair part of a small layer's traffic
+    live = 2 * t + c % 2 < M
+    tl.store(ws_tile + tl.arange(0, R)[:, None] * (128 * U) + c[None, :], acc, mask=live[None, :])
     if SERIAL:
         tl.debug_barrier()  # every thread's partial stored before the counter moves
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
