@@ -196,6 +196,9 @@ _LOAD_ASM = "\n".join([
     "}",
 ])  # fmt: skip
 _LOAD_CONSTRAINTS = ",".join(["=l"] * 4 + ["=r"] * 4 + ["l"] * 4 + ["l"] * 4 + ["r"] * 4)
+# An L2 prefetch of the 128-byte line at address $1; $0 is a dummy (an inline asm must return something).
+# Not pure, so that it is kept. Its tensor is [R, 4 U], not the loop's shape: its layout does not matter.
+_PREFETCH_ASM = tl.constexpr("prefetch.global.L2 [$1];\nmov.b32 $0, 0;")
 
 
 @triton.jit
@@ -254,6 +257,7 @@ def _mma_kernel(
     ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, LOAD_ASM: tl.constexpr, LOAD_CONSTRAINTS: tl.constexpr,
     DEPTH: tl.constexpr = 1,  # steps of weight words in flight ahead of the one computing (1 or 2)
     EVICT: tl.constexpr = "",  # eviction policy of the weight stream ("" or "evict_first")
+    PREFETCH: tl.constexpr = 0,  # > 0: L2 prefetch of the words this many steps ahead (no registers held)
 ):
 # fmt: on
     # Every tensor of the main loop is [R, 128 U] and reaches memory only through loads and stores contiguous
@@ -274,6 +278,7 @@ def _mma_kernel(
     sb0 = pid_k * sb_per_split
     sb1 = tl.minimum(sb0 + sb_per_split, SB)
     w_rows = qw_ptr + rb.to(tl.int64)[:, None] * row_words
+    w_safe = qw_ptr + tl.minimum(rb, NB - 1).to(tl.int64)[:, None] * row_words  # PREFETCH's rows, in bounds
     x_row = (x_ptr + g * sxm + t * 16).to(tl.int64, bitcast=True)
     x_dead = g - M  # >= 0: B's column is past M (zeros)
     z_rows = (sz_ptr + (tl.minimum(rb, NB - 1)[:, None] * G * 8 + g[None, :]) * 2).to(tl.int64, bitcast=True)
@@ -288,6 +293,11 @@ def _mma_kernel(
         else:
             qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
         xv_next, zv_next = _load_step(x_row, x_dead, z_rows, nxt, sb1, u, K, GROUP, LOAD_ASM, LOAD_CONSTRAINTS)
+        if PREFETCH > 0:  # one prefetch a 128-byte line (4 a superblock), clamped into this program's words
+            line = tl.arange(0, 4 * U)
+            ahead = tl.minimum(sb + PREFETCH * U + line // 4, sb1 - 1)
+            pa = (w_safe + ahead[None, :] * 128 + (line % 4 * 32)[None, :]).to(tl.int64, bitcast=True)
+            tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l", [pa], dtype=tl.int32, is_pure=False, pack=1)
         acc = tl.inline_asm_elementwise(ASM, CONSTRAINTS, [qw, acc, xv, zv], dtype=tl.float32, is_pure=True, pack=4)
         qw, xv, zv = qw_next, xv_next, zv_next
     tiles = tl.num_programs(0)
@@ -312,9 +322,9 @@ def _mma_out_kernel(ws_ptr, out_ptr, M, N, num_splits, R: tl.constexpr, U: tl.co
 MAX_M = 8  # B's 8 columns
 # mma_matmul's keyword arguments by (N, K); split-K fills about four waves of programs. One 16-row block a
 # warp and two superblocks a step was the fastest config at all four Llama-3-8B shapes at M = 1 on an H200
-# (benchmarks/check_int4_mma.py, docs/benchmarks.md), so the table holds no exceptions yet. ``depth`` and
-# ``evict`` (weight words two steps ahead; an evict-first weight stream) are not yet timed on a GPU:
-# ``check_int4_mma.py --extended`` sweeps them.
+# (benchmarks/check_int4_mma.py, docs/benchmarks.md), so the table holds no exceptions yet. ``depth``,
+# ``evict`` and ``prefetch`` (weight words two steps ahead in registers; an evict-first weight stream; L2
+# prefetches some steps ahead) are not yet timed on a GPU: ``check_int4_mma.py --extended`` sweeps them.
 TUNED: dict[tuple[int, int], dict] = {}
 DEFAULT = {"rows": 4, "unroll": 2, "num_warps": 4}
 
@@ -364,6 +374,7 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
 def mma_matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
+    prefetch: int = 0,
 ) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 8`` rows of 16-bit ``x`` and the layout above (CUDA only)."""
     M, K = x.shape
@@ -387,7 +398,7 @@ def mma_matmul(
         x, qweight, szp, out, ws, cnt if cnt is not None else ws,
         M, N, K, x.stride(0), szp.shape[1], per, splits, 2 * K,
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
-        LOAD_ASM=_LOAD_ASM, LOAD_CONSTRAINTS=_LOAD_CONSTRAINTS, DEPTH=depth, EVICT=evict,
+        LOAD_ASM=_LOAD_ASM, LOAD_CONSTRAINTS=_LOAD_CONSTRAINTS, DEPTH=depth, EVICT=evict, PREFETCH=prefetch,
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     if cnt is None:
