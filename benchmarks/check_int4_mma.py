@@ -1,15 +1,16 @@
 """GPU check and sweep of the tensor-core int4 kernel (``plugins/quant/int4_mma.py``) for few rows.
 
 1. Correctness: ``mma_matmul`` against ``reference_matmul`` (the weights
-   dequantized to x's dtype, fp32 products) for bf16 and fp16, M = 1..8, group
+   dequantized to x's dtype, fp32 products) for bf16 and fp16, M = 1..64, group
    sizes 64 / 128 / K, odd row-block counts, split-K on and off; and the
    layout against the original codes (``unpack(repack(q)) == q``).
 2. Timing at the Llama-3-8B linear shapes, in CUDA graphs over enough weight
    copies that L2 never holds the next one (as a decode step runs them):
-   the sweep of (rows, unroll, warps, split) configs, against the current int4
-   GEMV (``triton_int4.int4_matmul`` on its layout, tuned table) and bf16
-   (``triton_gemv.gemv``, our decode GEMV, and ``F.linear``), with each
-   figure's bytes and GB/s against a device-to-device copy.
+   the sweep of (rows, unroll, warps, split, ...) configs at M = 1 (full: also
+   8, 16 and 64), against the other int4 kernels (``triton_int4.int4_matmul``
+   on their layout, tuned table: the GEMV at M = 1, tiled above) and bf16
+   (``triton_gemv.gemv``, our decode GEMV, up to 8 rows, and ``F.linear``),
+   with each figure's bytes and GB/s against a device-to-device copy.
 
     python3 benchmarks/check_int4_mma.py [--out DIR] [--quick | --extended]
 
@@ -62,7 +63,7 @@ def correctness(failures: list) -> list[dict]:
         ok_layout = torch.equal(int4_mma.unpack(qw), q)
         s2, z2 = int4_mma.unpack_scales(szp, dtype)
         ok_layout &= torch.equal(s2, s) and torch.equal(z2, z)
-        for m in (1, 2, 3, 5, 8):
+        for m in (1, 2, 3, 5, 8, 9, 16, 33, 64):
             x = torch.randn(m, k, device=DEV, dtype=dtype)
             ref = int4_mma.reference_matmul(x, qw, szp, group).float()
             for kw in CHECKED:
@@ -117,7 +118,7 @@ def sweep(bw: float, mode: str, reps: int) -> list[dict]:
         old_q = pack_rows(q, 4)
         olds = [old_q.clone() for _ in range(copies)]
         w16 = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(max(2, math.ceil(3 * l2 / (n * k * 2))))]
-        for m in (1, 8) if mode == "full" else (1,):
+        for m in (1, 8, 16, 64) if mode == "full" else (1,):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             row = {"shape": name, "n": n, "k": k, "m": m, "int4_bytes": nbytes_int4, "bf16_bytes": n * k * 2}
             row["old_int4_us"] = graph_time_us([lambda w=w: triton_int4.int4_matmul(x, w, s, z, group) for w in olds], reps)
@@ -126,6 +127,8 @@ def sweep(bw: float, mode: str, reps: int) -> list[dict]:
             best = (None, float("inf"))
             row["mma"] = {}
             for kw, wave in configs(mode):
+                if m > 8 and kw["unroll"] > 2 or m > 32 and kw["unroll"] > 1:  # registers: eight column blocks a word
+                    continue
                 tiles = -(-(n // 16) // kw["rows"])
                 split = 0 if wave == 0 else max(1, min(k // 64 // kw["unroll"], -(-wave * sms // tiles)))
                 key = json.dumps({**kw, "split": split}, sort_keys=True)

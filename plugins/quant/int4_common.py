@@ -144,12 +144,12 @@ def apply_int_weight(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     if layer.perm is not None:
         x2d = x2d.index_select(1, layer.perm)
     matmul = _triton_matmul() if x.is_cuda else None
-    if getattr(layer, "mma_qweight", None) is not None and x.dtype == layer.scales.dtype and 0 < x2d.shape[0] <= 8:
+    if getattr(layer, "mma_qweight", None) is not None and x.dtype == layer.scales.dtype and x2d.shape[0] > 0:
         from plugins.quant import int4_mma
 
-        x2d = x2d.contiguous()
-        if int4_mma.aligned(x2d):
-            out = int4_mma.matmul(x2d, layer.mma_qweight, layer.mma_szp, layer.group_size)
+        rows = x2d.contiguous() if x2d.shape[0] <= int4_mma.LAYER_MAX_M else None
+        if rows is not None and int4_mma.aligned(rows):
+            out = int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size)
             if bias is not None:
                 out = out + bias
             return out.reshape(*x.shape[:-1], out.shape[-1])

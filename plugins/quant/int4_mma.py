@@ -1,4 +1,4 @@
-"""int4 weight-only linears for decode steps of at most 8 rows, on the tensor cores (Marlin-style).
+"""int4 weight-only linears for decode steps of few rows (up to 64), on the tensor cores (Marlin-style).
 
 The packed weights are reordered once at load time (``repack``) so that each
 thread's 32-bit word holds exactly the eight 4-bit codes of its share of one
@@ -9,8 +9,8 @@ each word into four bf16x2 (or f16x2) registers with one ``lop3`` a pair
 ``magic + zero`` and multiplies by the scale with packed 16-bit arithmetic
 (both exact but for the one rounding of ``(q - z) * s``, the rounding the
 reference dequantization makes), and issues the ``mma`` with the activations
-as the B operand (column ``m`` of B is row ``m`` of x, so up to 8 rows share
-one pass over the weights; fp32 accumulation). That is done in inline PTX
+as the B operand (column ``m`` of B is row ``m`` of x: 8 rows a column block,
+up to 8 blocks, all served by one pass over the weights; fp32 accumulation). That is done in inline PTX
 (``tl.inline_asm_elementwise`` with ``pack=4``: one invocation per thread and
 per four words), so it runs on CUDA only (sm_80 and newer); the Triton
 interpreter cannot run it, and the CPU tests check the layout with
@@ -129,27 +129,32 @@ def reference_matmul(x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, 
 
 
 @functools.cache
-def _asm(bf16: bool) -> tuple[str, str]:
-    """PTX for one thread and one 64-input superblock: dequantize the lane's four words and issue four
-    m16n8k16 mma into its fp32 accumulators, with the activations and scale/zero words already in registers."""
+def _asm(bf16: bool, mb: int = 1) -> tuple[str, str]:
+    """PTX for one thread and one 64-input superblock: dequantize the lane's four words and, for each, issue
+    one m16n8k16 mma per column block of B (``mb`` blocks of 8 rows of x) into its fp32 accumulators.
+
+    A word gives four bf16x2 (or f16x2) A-fragment registers with one ``lop3`` each (``(w >> 4i) &
+    0x000F000F | magic`` is ``magic + q`` in both halves), ``magic + zero`` taken off and the scale applied
+    in packed 16-bit arithmetic (exact but for the one rounding of ``(q - z) * s``, the reference's). Operands:
+    the accumulators out (f32, four a column block); then in: the four words, the accumulators (four a
+    block), the B fragments (one b64 a k-block, four a block), and the (-(magic + zero) pair, scale pair)
+    of the lane's two rows (two registers, then two copies)."""
     ty = "bf16" if bf16 else "f16"
     magic = 0x43004300 if bf16 else 0x64006400
     one = 0x3F803F80 if bf16 else 0x3C003C00
-    # operands: $0-$3 acc out (f32); $4-$7 words; $8-$11 acc in; $12-$15 the lane's B fragments, one b64 a
-    # k-block; $16, $17: the (-(magic + zero) pair, scale pair) of its two rows ($18, $19 copies)
+    words, acc_in, frags, zs = 4 * mb, 4 * mb + 4, 8 * mb + 4, 12 * mb + 4
     lines = [
         "{",
         ".reg .b32 a0, a1, a2, a3, t1, t2, t3, zg, zh, sg, sh, b0, b1, one, nz;",
         f"mov.b32 one, {one:#x};",
         "mov.b32 nz, 0x80008000;",  # -0 in both halves: fma(a, s, -0) == a * s
-        "prmt.b32 zg, $16, $16, 0x1010;",
-        "prmt.b32 zh, $16, $16, 0x3232;",
-        "prmt.b32 sg, $17, $17, 0x1010;",
-        "prmt.b32 sh, $17, $17, 0x3232;",
+        f"prmt.b32 zg, ${zs}, ${zs}, 0x1010;",
+        f"prmt.b32 zh, ${zs}, ${zs}, 0x3232;",
+        f"prmt.b32 sg, ${zs + 1}, ${zs + 1}, 0x1010;",
+        f"prmt.b32 sh, ${zs + 1}, ${zs + 1}, 0x3232;",
     ]
     for j in range(4):
-        w = f"${4 + j}"
-        c = "$8, $9, $10, $11" if j == 0 else "$0, $1, $2, $3"
+        w = f"${words + j}"
         lines += [
             f"shr.u32 t1, {w}, 4;",
             f"shr.u32 t2, {w}, 8;",
@@ -163,55 +168,91 @@ def _asm(bf16: bool) -> tuple[str, str]:
             f"fma.rn.{ty}x2 a2, a2, one, zg;",
             f"fma.rn.{ty}x2 a3, a3, one, zh;",
             f"fma.rn.{ty}x2 a0, a0, sg, nz;",  # (q - z) * s, rounded once
-            f"fma.rn.{ty}x2 a1, a1, sh, nz;",  # (q - z) * s, rounded once
-            f"fma.rn.{ty}x2 a2, a2, sg, nz;",  # (q - z) * s, rounded once
-            f"fma.rn.{ty}x2 a3, a3, sh, nz;",  # (q - z) * s, rounded once
-            f"mov.b64 {{b0, b1}}, ${12 + j};",
-            f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{{c}}};",
+            f"fma.rn.{ty}x2 a1, a1, sh, nz;",
+            f"fma.rn.{ty}x2 a2, a2, sg, nz;",
+            f"fma.rn.{ty}x2 a3, a3, sh, nz;",
         ]
+        for cb in range(mb):
+            out = ", ".join(f"${4 * cb + i}" for i in range(4))
+            c = ", ".join(f"${acc_in + 4 * cb + i}" for i in range(4)) if j == 0 else out
+            lines += [
+                f"mov.b64 {{b0, b1}}, ${frags + 4 * cb + j};",
+                f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{out}}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{{c}}};",
+            ]
     lines.append("}")
-    constraints = ",".join(["=f"] * 4 + ["r"] * 4 + ["f"] * 4 + ["l"] * 4 + ["r"] * 4)
+    constraints = ",".join(["=f"] * 4 * mb + ["r"] * 4 + ["f"] * 4 * mb + ["l"] * 4 * mb + ["r"] * 4)
     return "\n".join(lines), constraints
 
 
-# One thread's loads for a superblock, a step ahead of their use: its 16 activations (32 contiguous bytes;
-# zeros when the "dead" flag is >= 0: a padding column of B, or past the split) as four b64 ($0-$3) and its
-# rows' scale/zero words ($4, $5; $6, $7 copies). Operands: $8-$11 activation addresses (only $8 read),
-# $12-$15 scale/zero addresses (only $12), $16-$19 dead flags (only $16). The flag is an integer operand
-# rather than a select on the address: a lane-dependent, loop-invariant condition outside the asm lets LLVM
-# unswitch the loop, and lanes that run different copies of an mma.sync hang the warp.
-_LOAD_ASM = "\n".join([
+# One thread's activations of a superblock for one column block of B, a step ahead of their use: the 16 of
+# its row of x (32 contiguous bytes at $4) as four b64 ($0-$3), or zeros when the "dead" flag $8 is >= 0 (the
+# row is past M, or the superblock past the split). Only the first of the four registers of each input is
+# read. The flag is an integer operand rather than a select on the address: a lane-dependent, loop-invariant
+# condition outside the asm lets LLVM unswitch the loop, and lanes that run different copies of an mma.sync
+# hang the warp.
+_LOAD_X_ASM = "\n".join([
     "{",
     ".reg .pred px;",
-    "setp.lt.s32 px, $16, 0;",
+    "setp.lt.s32 px, $8, 0;",
     "mov.b64 $0, 0;",
     "mov.b64 $1, 0;",
     "mov.b64 $2, 0;",
     "mov.b64 $3, 0;",
-    "@px ld.global.nc.v2.b64 {$0, $1}, [$8];",
-    "@px ld.global.nc.v2.b64 {$2, $3}, [$8+16];",
-    "ld.global.nc.v2.b32 {$4, $5}, [$12];",
-    "mov.b32 $6, $4;",
-    "mov.b32 $7, $5;",
+    "@px ld.global.nc.v2.b64 {$0, $1}, [$4];",
+    "@px ld.global.nc.v2.b64 {$2, $3}, [$4+16];",
     "}",
 ])  # fmt: skip
-_LOAD_CONSTRAINTS = ",".join(["=l"] * 4 + ["=r"] * 4 + ["l"] * 4 + ["l"] * 4 + ["r"] * 4)
+_LOAD_X_CONSTRAINTS = ",".join(["=l"] * 4 + ["l"] * 4 + ["r"] * 4)
+# The lane's rows' scale/zero words (two registers from address $4, then two copies).
+_LOAD_Z_ASM = "ld.global.nc.v2.b32 {$0, $1}, [$4];\nmov.b32 $2, $0;\nmov.b32 $3, $1;"
+_LOAD_Z_CONSTRAINTS = ",".join(["=r"] * 4 + ["l"] * 4)
+
+
+_LOAD_X_ASM_C = tl.constexpr(_LOAD_X_ASM)
+_LOAD_X_CONSTRAINTS_C = tl.constexpr(_LOAD_X_CONSTRAINTS)
+_LOAD_Z_ASM_C = tl.constexpr(_LOAD_Z_ASM)
+_LOAD_Z_CONSTRAINTS_C = tl.constexpr(_LOAD_Z_CONSTRAINTS)
 # An L2 prefetch of the 128-byte line at address $1; $0 is a dummy (an inline asm must return something).
 # Not pure, so that it is kept. Its tensor is [R, 4 U], not the loop's shape: its layout does not matter.
 _PREFETCH_ASM = tl.constexpr("prefetch.global.L2 [$1];\nmov.b32 $0, 0;")
 
 
 @triton.jit
-def _load_step(x_row, x_dead, z_rows, sb, sb1, u, K, GROUP: tl.constexpr, LOAD_ASM: tl.constexpr,
-               LOAD_CONSTRAINTS: tl.constexpr):  # fmt: skip
-    """The activations (B fragments) and scale/zero words of superblock ``sb + u``."""
+def _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP: tl.constexpr, MB: tl.constexpr):
+    """The activations (B fragments: a tuple of MB tensors) and scale/zero words of superblock ``sb + u``."""
     xa = x_row + (sb + u) * 128  # bytes: 64 activations a superblock
-    dead = tl.maximum(x_dead, sb + u - sb1)
+    dead = x_dead + 64 * (sb + u >= sb1).to(tl.int32)  # past the split: no row is loaded
+    xvs = ()
+    for cb in tl.static_range(MB):
+        xv = tl.inline_asm_elementwise(
+            _LOAD_X_ASM_C, _LOAD_X_CONSTRAINTS_C, [(xa + cb * x_step)[None, :], (dead + 8 * cb)[None, :]],
+            dtype=tl.int64, is_pure=True, pack=4,
+        )  # fmt: skip
+        xvs = xvs + (xv,)
     za = z_rows + (tl.minimum((sb + u) * 64, K - 1) // GROUP * 64)[None, :]  # bytes: 8 lanes x 8 a group
-    xv, zv = tl.inline_asm_elementwise(
-        LOAD_ASM, LOAD_CONSTRAINTS, [xa[None, :], za, dead[None, :]], dtype=(tl.int64, tl.int32), is_pure=True, pack=4
-    )
-    return xv, zv
+    zv = tl.inline_asm_elementwise(_LOAD_Z_ASM_C, _LOAD_Z_CONSTRAINTS_C, [za], dtype=tl.int32, is_pure=True, pack=4)
+    return xvs, zv
+
+
+@triton.jit
+def _mma_step(ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, args, MB: tl.constexpr):
+    """One superblock's mma for MB column blocks: the new accumulators, a tuple of MB tensors. (The output
+    types are written out per MB: a tuple of dtypes built in a loop does not compile on every Triton.)"""
+    if MB == 1:
+        accs = (tl.inline_asm_elementwise(ASM, CONSTRAINTS, args, dtype=tl.float32, is_pure=True, pack=4),)
+    elif MB == 2:
+        accs = tl.inline_asm_elementwise(ASM, CONSTRAINTS, args, dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    elif MB == 4:
+        accs = tl.inline_asm_elementwise(ASM, CONSTRAINTS, args, dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                         is_pure=True, pack=4)  # fmt: skip
+    else:
+        tl.static_assert(MB == 8, "MB must be 1, 2, 4 or 8")
+        accs = tl.inline_asm_elementwise(
+            ASM, CONSTRAINTS, args,
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=4,
+        )  # fmt: skip
+    return accs
 
 
 @triton.jit
@@ -222,24 +263,26 @@ def _load_words(w_rows, c, rb_mask, sb, sb1, u, EVICT: tl.constexpr):
 
 
 @triton.jit
-def _write_out(ws_ptr, out_ptr, tile, M, N, NB, num_splits, R: tl.constexpr, U: tl.constexpr):
+def _write_out(ws_ptr, out_ptr, tile, M, N, NB, num_splits, R: tl.constexpr, U: tl.constexpr, MB: tl.constexpr):
     """out[m, n] for the tile's rows: the fragment-ordered partials of every split and unroll slot, summed in
-    order. ws: fp32 [S, tiles, R, 128 U]; element (r, 128 u + 4 lane + i) is D[i] of that lane for row block r."""
+    order. ws: fp32 [S, tiles, MB, R, 128 U]; element (cb, r, 128 u + 4 lane + i) is D[i] of that lane's
+    mma for column block cb (rows 8 cb.. of x) and row block r."""
     ci = tl.arange(0, 128)
     li = ci // 4
     i = ci % 4
     rb = tile * R + tl.arange(0, R)
     n = rb[:, None] * 16 + (li // 4)[None, :] + (8 * (i // 2))[None, :]
-    m = (2 * (li % 4) + i % 2)[None, :]
-    mask = (rb < NB)[:, None] & (m < M)
     tiles = tl.num_programs(0)
-    y = tl.zeros([R, 128], dtype=tl.float32)
-    for s in range(num_splits):
-        base = ws_ptr + ((s * tiles + tile) * R) * (128 * U)
-        for uu in tl.static_range(U):
-            y += tl.load(base + tl.arange(0, R)[:, None] * (128 * U) + uu * 128 + ci[None, :], mask=mask, other=0.0,
-                         cache_modifier=".cg")
-    tl.store(out_ptr + m * N + n, y.to(out_ptr.dtype.element_ty), mask=mask)
+    for cb in tl.static_range(MB):
+        m = (8 * cb + 2 * (li % 4) + i % 2)[None, :]
+        mask = (rb < NB)[:, None] & (m < M)
+        y = tl.zeros([R, 128], dtype=tl.float32)
+        for s in range(num_splits):
+            base = ws_ptr + (((s * tiles + tile) * MB + cb) * R) * (128 * U)
+            for uu in tl.static_range(U):
+                y += tl.load(base + tl.arange(0, R)[:, None] * (128 * U) + uu * 128 + ci[None, :], mask=mask,
+                             other=0.0, cache_modifier=".cg")  # fmt: skip
+        tl.store(out_ptr + m * N + n, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # fmt: off
@@ -254,10 +297,11 @@ def _mma_kernel(
     M, N, K, sxm, G, sb_per_split, num_splits,
     row_words,  # 2 * K: int32 words per 16-row block
     GROUP: tl.constexpr, R: tl.constexpr, U: tl.constexpr, SERIAL: tl.constexpr,
-    ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, LOAD_ASM: tl.constexpr, LOAD_CONSTRAINTS: tl.constexpr,
+    ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
     DEPTH: tl.constexpr = 1,  # steps of weight words in flight ahead of the one computing (1 or 2)
     EVICT: tl.constexpr = "",  # eviction policy of the weight stream ("" or "evict_first")
     PREFETCH: tl.constexpr = 0,  # > 0: L2 prefetch of the words this many steps ahead (no registers held)
+    MB: tl.constexpr = 1,  # column blocks of B: rows 8 cb .. 8 cb + 7 of x, M <= 8 MB
 ):
 # fmt: on
     # Every tensor of the main loop is [R, 128 U] and reaches memory only through loads and stores contiguous
@@ -274,17 +318,20 @@ def _mma_kernel(
     lane = (c % 128) // 4
     g = lane // 4
     t = lane % 4
-    acc = tl.zeros([R, 128 * U], dtype=tl.float32)
+    accs = ()
+    for cb in tl.static_range(MB):
+        accs = accs + (tl.zeros([R, 128 * U], dtype=tl.float32),)
     sb0 = pid_k * sb_per_split
     sb1 = tl.minimum(sb0 + sb_per_split, SB)
     w_rows = qw_ptr + rb.to(tl.int64)[:, None] * row_words
     w_safe = qw_ptr + tl.minimum(rb, NB - 1).to(tl.int64)[:, None] * row_words  # PREFETCH's rows, in bounds
     x_row = (x_ptr + g * sxm + t * 16).to(tl.int64, bitcast=True)
+    x_step = sxm.to(tl.int64) * 16  # bytes between rows g and g + 8
     x_dead = g - M  # >= 0: B's column is past M (zeros)
     z_rows = (sz_ptr + (tl.minimum(rb, NB - 1)[:, None] * G * 8 + g[None, :]) * 2).to(tl.int64, bitcast=True)
     qw = _load_words(w_rows, c, rb_mask, sb0, sb1, u, EVICT)
     qw_later = _load_words(w_rows, c, rb_mask, sb0 + U, sb1, u, EVICT)  # DEPTH 2: two steps ahead
-    xv, zv = _load_step(x_row, x_dead, z_rows, sb0, sb1, u, K, GROUP, LOAD_ASM, LOAD_CONSTRAINTS)
+    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb0, sb1, u, K, GROUP, MB)
     for sb in range(sb0, sb1, U):
         nxt = sb + U  # the next step's loads are in flight while this step computes
         if DEPTH == 2:
@@ -292,34 +339,39 @@ def _mma_kernel(
             qw_later = _load_words(w_rows, c, rb_mask, sb + 2 * U, sb1, u, EVICT)
         else:
             qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
-        xv_next, zv_next = _load_step(x_row, x_dead, z_rows, nxt, sb1, u, K, GROUP, LOAD_ASM, LOAD_CONSTRAINTS)
+        xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB)
         if PREFETCH > 0:  # one prefetch a 128-byte line (4 a superblock), clamped into this program's words
             line = tl.arange(0, 4 * U)
             ahead = tl.minimum(sb + PREFETCH * U + line // 4, sb1 - 1)
             pa = (w_safe + ahead[None, :] * 128 + (line % 4 * 32)[None, :]).to(tl.int64, bitcast=True)
             tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l", [pa], dtype=tl.int32, is_pure=False, pack=1)
-        acc = tl.inline_asm_elementwise(ASM, CONSTRAINTS, [qw, acc, xv, zv], dtype=tl.float32, is_pure=True, pack=4)
-        qw, xv, zv = qw_next, xv_next, zv_next
+        accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
+        qw, xvs, zv = qw_next, xvs_next, zv_next
     tiles = tl.num_programs(0)
-    ws_tile = ws_ptr + ((pid_k * tiles + pid_n) * R) * (128 * U)
-    # only the accumulators of B's first M columns (D[i] of lane 4g + t is column 2t + i % 2): at M = 1 an
-    # eighth of the tile, which matters when split-K partials are a fair part of a small layer's traffic
-    live = 2 * t + c % 2 < M
-    tl.store(ws_tile + tl.arange(0, R)[:, None] * (128 * U) + c[None, :], acc, mask=live[None, :])
+    # only the accumulators of x's M rows (D[i] of lane 4g + t in column block cb is row 8 cb + 2t + i % 2): at
+    # M = 1 an eighth of the tile, which matters when split-K partials are a fair part of a small layer's traffic
+    for cb in tl.static_range(MB):
+        ws_tile = ws_ptr + (((pid_k * tiles + pid_n) * MB + cb) * R) * (128 * U)
+        live = 8 * cb + 2 * t + c % 2 < M
+        tl.store(ws_tile + tl.arange(0, R)[:, None] * (128 * U) + c[None, :], accs[cb], mask=live[None, :])
     if SERIAL:
         tl.debug_barrier()  # every thread's partial stored before the counter moves
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if arrived == num_splits - 1:
-            _write_out(ws_ptr, out_ptr, pid_n, M, N, NB, num_splits, R, U)
+            _write_out(ws_ptr, out_ptr, pid_n, M, N, NB, num_splits, R, U, MB)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 @triton.jit(do_not_specialize=["M", "num_splits"])
-def _mma_out_kernel(ws_ptr, out_ptr, M, N, num_splits, R: tl.constexpr, U: tl.constexpr):
-    _write_out(ws_ptr, out_ptr, tl.program_id(0), M, N, N // 16, num_splits, R, U)
+def _mma_out_kernel(ws_ptr, out_ptr, M, N, num_splits, R: tl.constexpr, U: tl.constexpr, MB: tl.constexpr):
+    _write_out(ws_ptr, out_ptr, tl.program_id(0), M, N, N // 16, num_splits, R, U, MB)
 
 
-MAX_M = 8  # B's 8 columns
+MAX_M = 64  # eight column blocks of B, 8 rows of x each
+# The layers send steps of up to this many rows here (``FRAMEWORK_INT4_MMA_MAX_M``, at most MAX_M). 8, one
+# column block, is what was timed on a GPU; more rows (more mma per dequantized word, more registers) are
+# correct on the emulator and wait for their timing against the tiled kernel.
+LAYER_MAX_M = min(MAX_M, int(os.environ.get("FRAMEWORK_INT4_MMA_MAX_M", "8")))
 # mma_matmul's keyword arguments by (N, K); split-K fills about four waves of programs. One 16-row block a
 # warp and two superblocks a step was the fastest config at all four Llama-3-8B shapes at M = 1 on an H200
 # (benchmarks/check_int4_mma.py, docs/benchmarks.md), so the table holds no exceptions yet. ``depth``,
@@ -356,18 +408,19 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
     q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
     scales = (torch.rand(k // group, n, generator=gen) * 0.1 + 0.01).to(dtype)
     zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(dtype)
-    x = torch.randn(3, k, generator=gen).to(dtype)
-    qw, szp = repack(q).to(device), pack_scales(scales, zeros).to(device)
-    try:
-        out = matmul(x.to(device), qw, szp, group).float().cpu()
-    except Exception as err:  # noqa: BLE001 - an old GPU (no bf16 mma) or a compiler that refuses the PTX
-        logger.warning("int4 tensor-core kernel unusable on %s (%r); int4 decode uses the GEMV", device, err)
-        return False
-    ref = reference_matmul(x, repack(q), pack_scales(scales, zeros), group).float()
-    err = ((out - ref).abs().max() / ref.abs().max()).item()
-    if not err < 1e-2:
-        logger.warning("int4 tensor-core kernel failed its self-check on %s (relative error %.3g); not used", device, err)
-        return False
+    qw, szp = repack(q), pack_scales(scales, zeros)
+    for m in sorted({3, LAYER_MAX_M}):  # one column block of B, and as many as the layers use
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        try:
+            out = matmul(x.to(device), qw.to(device), szp.to(device), group).float().cpu()
+        except Exception as err:  # noqa: BLE001 - an old GPU (no bf16 mma) or a compiler that refuses the PTX
+            logger.warning("int4 tensor-core kernel unusable on %s (%r); int4 decode uses the GEMV", device, err)
+            return False
+        ref = reference_matmul(x, qw, szp, group).float()
+        err = ((out - ref).abs().max() / ref.abs().max()).item()
+        if not err < 1e-2:
+            logger.warning("int4 tensor-core kernel failed its self-check on %s (M=%d, relative error %.3g)", device, m, err)
+            return False
     return True
 
 
@@ -376,7 +429,7 @@ def mma_matmul(
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
     prefetch: int = 0,
 ) -> torch.Tensor:  # fmt: skip
-    """``x @ W^T`` for ``M <= 8`` rows of 16-bit ``x`` and the layout above (CUDA only)."""
+    """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only)."""
     M, K = x.shape
     nb = qweight.shape[0]
     N = nb * 16
@@ -390,17 +443,18 @@ def mma_matmul(
         split = max(1, min(sbs // unroll, triton.cdiv(4 * num_sms(x.device), tiles)))
     per = triton.cdiv(triton.cdiv(sbs, split), unroll) * unroll
     splits = triton.cdiv(sbs, per)
+    mb = 1 << (triton.cdiv(max(M, 1), 8) - 1).bit_length()  # 1, 2, 4 or 8 column blocks of B (zeros past M)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    ws = torch.empty((splits, tiles, rows, 128 * unroll), dtype=torch.float32, device=x.device)
+    ws = torch.empty((splits, tiles, mb, rows, 128 * unroll), dtype=torch.float32, device=x.device)
     cnt = arrival_counters(x.device, tiles)
-    asm, constraints = _asm(x.dtype == torch.bfloat16)
+    asm, constraints = _asm(x.dtype == torch.bfloat16, mb)
     _mma_kernel[(tiles, splits)](
         x, qweight, szp, out, ws, cnt if cnt is not None else ws,
         M, N, K, x.stride(0), szp.shape[1], per, splits, 2 * K,
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
-        LOAD_ASM=_LOAD_ASM, LOAD_CONSTRAINTS=_LOAD_CONSTRAINTS, DEPTH=depth, EVICT=evict, PREFETCH=prefetch,
+        DEPTH=depth, EVICT=evict, PREFETCH=prefetch, MB=mb,
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     if cnt is None:
-        _mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, num_warps=4)
+        _mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, MB=mb, num_warps=4)
     return out

@@ -127,7 +127,7 @@ def test_cpu_layers_keep_one_copy():
 def test_kernel_matches_reference(dtype, n, k, group):
     q, scales, zeros = _layer(n, k, group, dtype, device="cuda")
     qw, szp = int4_mma.repack(q), int4_mma.pack_scales(scales, zeros)
-    for m in (1, 2, 5, 8):
+    for m in (1, 2, 5, 8, 9, 16, 33, 64):
         x = torch.randn(m, k, device="cuda").to(dtype)
         ref = int4_mma.reference_matmul(x, qw, szp, group).float()
         for kw in (
@@ -161,39 +161,46 @@ def test_cuda_layers_take_the_kernel_for_few_rows():
 
 def _emulate(x: torch.Tensor, qw: torch.Tensor, szp: torch.Tensor, group: int) -> torch.Tensor:
     """The kernel's per-lane work for one warp a 16-row block over all of K (no split), through ptx_emu:
-    the operands are built as ``_mma_kernel`` builds them (lane L = 4 g + t holds words 4L..4L+3)."""
+    the operands are built as ``_mma_kernel`` builds them (lane L = 4 g + t holds words 4L..4L+3; column
+    block cb of B is rows 8 cb + g of x)."""
     from tests.quant.ptx_emu import Memory, Warp, bits_to_f32
 
     m_rows, k = x.shape
     nb, sbs = qw.shape[:2]
     g_count = szp.shape[1]
+    mb = -(-m_rows // 8)
     mem = Memory()
     x_base, z_base = mem.place(x), mem.place(szp)
     warp = Warp(mem)
-    asm, constraints = int4_mma._asm(x.dtype == torch.bfloat16)
+    mb = 1 << (mb - 1).bit_length()  # the launcher's 1, 2, 4 or 8 column blocks
+    asm, constraints = int4_mma._asm(x.dtype == torch.bfloat16, mb)
     lanes = range(32)
+    zero = [[0] * 32]
     out = torch.zeros(m_rows, nb * 16, dtype=torch.float64)
     for r in range(nb):
-        acc = [[0] * 32 for _ in range(4)]  # fp32 bits of D[i] a lane
+        accs = [[0] * 32 for _ in range(4 * mb)]  # fp32 bits of D[i], four a column block
         for sb in range(sbs):
-            x_addr = [x_base + ((L // 4) * k + (L % 4) * 16) * 2 + sb * 128 for L in lanes]
             z_addr = [z_base + (((r * g_count + sb * 64 // group) * 8 + L // 4) * 2) * 4 for L in lanes]
-            dead = [(L // 4) - m_rows for L in lanes]
-            loaded = warp.run(int4_mma._LOAD_ASM, int4_mma._LOAD_CONSTRAINTS,
-                              [[0] * 32] * 8 + [x_addr] * 4 + [z_addr] * 4 + [dead] * 4)  # fmt: skip
+            zv = warp.run(int4_mma._LOAD_Z_ASM, int4_mma._LOAD_Z_CONSTRAINTS, zero * 4 + [z_addr] * 4)[0:4]
+            frags = []
+            for cb in range(mb):
+                x_addr = [x_base + ((L // 4 + 8 * cb) * k + (L % 4) * 16) * 2 + sb * 128 for L in lanes]
+                dead = [(L // 4 + 8 * cb) - m_rows for L in lanes]
+                frags += warp.run(int4_mma._LOAD_X_ASM, int4_mma._LOAD_X_CONSTRAINTS, zero * 4 + [x_addr] * 4 + [dead] * 4)[0:4]
             words = [[int(qw[r, sb, L, j]) & 0xFFFFFFFF for L in lanes] for j in range(4)]
-            acc = warp.run(asm, constraints, [[0] * 32] * 4 + words + acc + loaded[0:4] + loaded[4:8])[0:4]
+            accs = warp.run(asm, constraints, zero * (4 * mb) + words + accs + frags + zv)[0 : 4 * mb]
         for L in lanes:
             g, t = L // 4, L % 4
-            for i in range(4):
-                m = 2 * t + i % 2
-                if m < m_rows:
-                    out[m, 16 * r + g + 8 * (i // 2)] = bits_to_f32(acc[i][L])
+            for cb in range(mb):
+                for i in range(4):
+                    m = 8 * cb + 2 * t + i % 2
+                    if m < m_rows:
+                        out[m, 16 * r + g + 8 * (i // 2)] = bits_to_f32(accs[4 * cb + i][L])
     return out
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,group", [(1, 64), (3, 128), (8, 128)])
+@pytest.mark.parametrize("m,group", [(1, 64), (3, 128), (8, 128), (13, 64), (33, 128)])
 def test_ptx_matches_reference(dtype, m, group):
     """The asm strings themselves (dequantize, scale, fragments, loads) on an emulated warp."""
     k, n = 128, 32
