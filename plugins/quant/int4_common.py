@@ -103,6 +103,9 @@ def set_int_layout(
     mma = _mma_layout(qweight, scales, zeros, bits, group_size)
     layer.register_buffer("mma_qweight", None if mma is None else mma[0], persistent=False)
     layer.register_buffer("mma_szp", None if mma is None else mma[1], persistent=False)
+    if mma is not None and SINGLE_COPY:  # steps of more rows dequantize the reordered codes instead
+        del layer._parameters["qweight"]
+        layer.register_parameter("qweight", None)
 
 
 def _mma_layout(qweight, scales, zeros, bits, group_size) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -128,6 +131,13 @@ def _mma_layout(qweight, scales, zeros, bits, group_size) -> tuple[torch.Tensor,
     return int4_mma.repack(unpack_rows(qweight, 4)), szp
 
 
+# FRAMEWORK_INT4_SINGLE_COPY=1: a 4-bit layer on CUDA keeps only the tensor-core layout; steps of up to
+# int4_mma.MAX_M rows take that kernel, longer ones dequantize it (Triton) and run one GEMM. It saves the
+# second copy of the codes; the speed of steps of 9 to 255 rows against the tiled kernel is not yet measured,
+# so it is off by default.
+SINGLE_COPY = os.environ.get("FRAMEWORK_INT4_SINGLE_COPY", "0") == "1"
+
+
 @functools.lru_cache(maxsize=1)
 def _triton_matmul() -> Callable | None:
     try:
@@ -144,15 +154,22 @@ def apply_int_weight(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     if layer.perm is not None:
         x2d = x2d.index_select(1, layer.perm)
     matmul = _triton_matmul() if x.is_cuda else None
-    if getattr(layer, "mma_qweight", None) is not None and x.dtype == layer.scales.dtype and x2d.shape[0] > 0:
+    if getattr(layer, "mma_qweight", None) is not None and x2d.shape[0] > 0:
         from plugins.quant import int4_mma
 
-        rows = x2d.contiguous() if x2d.shape[0] <= int4_mma.LAYER_MAX_M else None
-        if rows is not None and int4_mma.aligned(rows):
-            out = int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size)
-            if bias is not None:
-                out = out + bias
-            return out.reshape(*x.shape[:-1], out.shape[-1])
+        only = layer.qweight is None  # the single-copy layout (SINGLE_COPY)
+        limit = int4_mma.MAX_M if only else int4_mma.LAYER_MAX_M
+        if x2d.shape[0] <= limit and x.dtype == layer.scales.dtype:
+            rows = x2d.contiguous()
+            if only and not int4_mma.aligned(rows):
+                rows = rows.clone()  # a fresh allocation is aligned
+            if int4_mma.aligned(rows):
+                out = int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size)
+                return (out if bias is None else out + bias).reshape(*x.shape[:-1], out.shape[-1])
+        if only:
+            weight = int4_mma.dequantize(layer.mma_qweight, layer.scales, layer.zeros, layer.group_size)
+            out = torch.matmul(x2d.to(weight.dtype), weight).to(x.dtype)
+            return (out if bias is None else out + bias).reshape(*x.shape[:-1], out.shape[-1])
     if matmul is not None:
         out = matmul(x2d.contiguous(), layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bits)
     else:

@@ -125,6 +125,41 @@ def reference_matmul(x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, 
     return (x.float() @ w.float()).to(x.dtype)
 
 
+# -- dense weights from the layout (steps of more rows: dequantize once, then one GEMM) ---------------
+
+
+@triton.jit
+def _dequant_kernel(
+    qw_ptr, s_ptr, z_ptr,  # int32 [N // 16, K // 64, 32, 4]; [G, N] scales, zeros
+    w_ptr,  # [K, N] out: W^T in the scales' dtype
+    N, K, GROUP: tl.constexpr, SBP: tl.constexpr,  # superblocks a program
+):  # fmt: skip
+    r = tl.program_id(0)  # 16-row block
+    sb0 = tl.program_id(1) * SBP
+    offs = tl.arange(0, 128 * SBP)
+    words = tl.load(qw_ptr + r.to(tl.int64) * (2 * K) + sb0 * 128 + offs, mask=sb0 + offs // 128 < K // 64, other=0)
+    slot = tl.arange(0, 8)
+    codes = (words[:, None] >> (4 * slot)[None, :]) & 15  # [128 SBP, 8]
+    lane = (offs % 128) // 4
+    kk = (64 * (sb0 + offs // 128) + 16 * (lane % 4) + 4 * (offs % 4))[:, None] + (2 * ((slot // 2) % 2) + slot // 4)[None, :]
+    nn = 16 * r + (lane // 4)[:, None] + (8 * (slot % 2))[None, :]
+    mask = kk < K
+    gi = kk // GROUP
+    s = tl.load(s_ptr + gi * N + nn, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + gi * N + nn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(w_ptr + kk.to(tl.int64) * N + nn, ((codes.to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The layout -> dense ``W^T [K, N]`` in ``scales.dtype`` (``(q - z) * s``, one rounding), in Triton."""
+    nb, sbs = qweight.shape[:2]
+    n, k = nb * 16, sbs * 64
+    w = torch.empty((k, n), dtype=scales.dtype, device=qweight.device)
+    sbp = 4
+    _dequant_kernel[(nb, triton.cdiv(sbs, sbp))](qweight, scales, zeros, w, n, k, GROUP=group_size, SBP=sbp, num_warps=4)
+    return w
+
+
 # -- the kernel ----------------------------------------------------------------------------
 
 

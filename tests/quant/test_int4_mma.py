@@ -214,3 +214,33 @@ def test_ptx_matches_reference(dtype, m, group):
     w = ((q.double() - z.double()[g]) * s.double()[g]).to(dtype).double()
     ref = x.double() @ w
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("group", [64, 128])
+def test_dequantize_from_the_layout(group):
+    """The Triton dequantization of the layout (interpreted here) against the torch one of the codes."""
+    k, n = 320, 48
+    q, scales, zeros = _layer(n, k, group if k % group == 0 else k, torch.bfloat16, seed=11)
+    group = group if k % group == 0 else k
+    w = int4_mma.dequantize(int4_mma.repack(q), scales, zeros, group)
+    g = torch.arange(k) // group
+    exact = (q.float() - zeros.float()[g]) * scales.float()[g]
+    assert w.shape == (k, n) and w.dtype == torch.bfloat16
+    # within one bf16 ulp of the exact product (the interpreter may truncate a cast the GPU rounds)
+    torch.testing.assert_close(w.float(), exact, rtol=2**-7, atol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_single_copy_layers_serve_every_row_count(monkeypatch):
+    from plugins.quant import int4_common
+
+    monkeypatch.setattr(int4_common, "SINGLE_COPY", True)
+    layer = nn.Module()
+    q, scales, zeros = _layer(64, 256, 128, torch.bfloat16, device="cuda")
+    set_int_layout(layer, pack_rows(q, 4), scales, zeros, None, 4, 128)
+    assert layer.qweight is None and layer.mma_qweight is not None
+    for m in (1, 9, 64, 65, 300):
+        x = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
+        ref = int4_mma.reference_matmul(x, layer.mma_qweight, layer.mma_szp, 128).float()
+        out = apply_int_weight(layer, x).float()
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-2, m
