@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Issue 6's int4 measurements on one GPU, in one device call (docs/benchmarks.md, "int4 on the tensor cores").
+#
+#   bash benchmarks/bench_int4.sh OUT_DIR [PHASE ...]
+#
+# Phases (default: all, in this order; each has its own time limit; results land in OUT_DIR):
+#   tests     the CUDA tests of the int4 kernels (tests/quant/test_int4_mma.py, test_triton_int4.py)
+#   kernel    benchmarks/check_int4_mma.py --quick: correctness (M = 1..64) and the M = 1 sweep;
+#             prints the FRAMEWORK_INT4_MMA_TUNED line of the best configs
+#   extended  the same with --extended: prefetch depth, L2 prefetch, eviction policy, program sizes
+#   latency   framework bench latency at batch 1, 16, 64, 256 (prompt 128, output 128): bf16, GPTQ as
+#             configured by default, GPTQ with the kernel up to 64 rows (FRAMEWORK_INT4_MMA_MAX_M=64),
+#             and GPTQ with one copy of the codes (FRAMEWORK_INT4_SINGLE_COPY=1); each with the tuned
+#             configs of the kernel phase when it ran (TUNED=0 in the environment: without them)
+#   roofline  benchmarks/roofline.py: copy bandwidth for the floors
+set -u
+OUT=${1:?usage: bench_int4.sh OUT_DIR [PHASE ...]}
+shift
+PHASES=${*:-tests kernel latency roofline}
+MODEL=${MODEL:-/tmp/llama3-8b}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 2048)
+
+[ -f "$MODEL/config.json" ] || python3 benchmarks/dummy_model.py llama3-8b "$MODEL" >/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+git log --oneline -1 2>/dev/null | tee -a "$OUT/device.txt"
+date -u +%FT%TZ | tee -a "$OUT/device.txt"
+
+phase() {  # phase NAME SECONDS COMMAND...: run, log to OUT/NAME.log, report rc and time
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    echo "=== $name: $*"
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: rc=$rc in $((SECONDS - start)) s"
+    grep -E '^\{|^FRAMEWORK_|passed|failed|correctness|error|Error|copy bandwidth' "$OUT/$name.log" | cut -c1-400 | tail -24
+}
+
+latency() {  # latency NAME [ENV=VALUE ...] -- [framework args ...]
+    local name=$1
+    shift
+    local envs=()
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
+    shift
+    phase "latency_$name" 150 env ${envs[@]+"${envs[@]}"} python3 -m framework bench latency "$MODEL" "${ENGINE[@]}" \
+        --batch-sizes 1 16 64 256 --input-len 128 --output-len 128 --num-iters 3 "$@" \
+        --output-json "$OUT/latency_$name.json"
+}
+
+for p in $PHASES; do
+    case $p in
+    tests) phase tests 300 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/quant/test_triton_int4.py ;;
+    kernel) phase kernel 240 python3 -W ignore benchmarks/check_int4_mma.py --quick --out "$OUT/kernel" ;;
+    extended) phase extended 300 python3 -W ignore benchmarks/check_int4_mma.py --extended --out "$OUT/extended" ;;
+    latency)
+        TUNED_ENV=""
+        if [ "${TUNED:-1}" != 0 ] && [ -f "$OUT/kernel/int4_mma.json" ]; then
+            TUNED_ENV=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tuned_env'])" "$OUT/kernel/int4_mma.json")
+        fi
+        latency bf16 --
+        latency gptq "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" -- --quantization gptq
+        latency gptq_m64 "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_INT4_MMA_MAX_M=64 -- --quantization gptq
+        latency gptq_single "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_INT4_SINGLE_COPY=1 -- --quantization gptq
+        ;;
+    roofline) phase roofline 60 python3 benchmarks/roofline.py --shape llama3-8b --workload w1 --max-num-seqs 256 ;;
+    *) echo "unknown phase $p" ;;
+    esac
+done
