@@ -85,16 +85,20 @@ CHECKED = [  # configs the correctness pass runs (split 0: the launcher's choice
     dict(rows=4, unroll=2, split=0, depth=2),
     dict(rows=1, unroll=1, split=2, num_warps=1, depth=2, evict="evict_first"),
     dict(rows=4, unroll=2, split=0, prefetch=4),
+    dict(rows=4, unroll=2, split=3, pdl=True),  # sm_90+
 ]
 
 
 def configs(mode: str):
     """mma_matmul keyword sets to time (each with ``waves``: split-K to that many waves, 0 the default)."""
     if mode == "extended":  # prefetch depth, L2 prefetch, the weight stream's eviction policy, program sizes
-        variants = ((1, "", 0), (2, "", 0), (2, "evict_first", 0), (1, "", 4), (1, "", 8), (2, "", 4))
+        variants = (  # (depth, evict, prefetch, pdl)
+            (1, "", 0, False), (2, "", 0, False), (2, "evict_first", 0, False), (1, "", 4, False),
+            (1, "", 8, False), (1, "", 0, True), (2, "", 4, True),
+        )  # fmt: skip
         grid = itertools.product(((2, 2), (4, 4), (8, 8)), (1, 2), variants, (0, 8))
-        for (r, w), u, (depth, evict, prefetch), wave in grid:
-            yield dict(rows=r, unroll=u, num_warps=w, depth=depth, evict=evict, prefetch=prefetch), wave
+        for (r, w), u, (depth, evict, prefetch, pdl), wave in grid:
+            yield dict(rows=r, unroll=u, num_warps=w, depth=depth, evict=evict, prefetch=prefetch, pdl=pdl), wave
         return
     rows = (4, 8, 16) if mode == "full" else (4, 8)
     waves = (0, 1, 2, 4) if mode == "full" else (0, 2)

@@ -244,6 +244,9 @@ _LOAD_Z_CONSTRAINTS = ",".join(["=r"] * 4 + ["l"] * 4)
 
 
 _LOAD_X_ASM_C = tl.constexpr(_LOAD_X_ASM)
+# The same with coherent loads, for PDL: x may be written by the kernel before until griddepcontrol.wait, and
+# the compiler moves non-coherent (.nc, "read-only for the kernel's lifetime") loads above that wait.
+_LOAD_X_COHERENT_ASM_C = tl.constexpr(_LOAD_X_ASM.replace("ld.global.nc.", "ld.global."))
 _LOAD_X_CONSTRAINTS_C = tl.constexpr(_LOAD_X_CONSTRAINTS)
 _LOAD_Z_ASM_C = tl.constexpr(_LOAD_Z_ASM)
 _LOAD_Z_CONSTRAINTS_C = tl.constexpr(_LOAD_Z_CONSTRAINTS)
@@ -253,15 +256,16 @@ _PREFETCH_ASM = tl.constexpr("prefetch.global.L2 [$1];\nmov.b32 $0, 0;")
 
 
 @triton.jit
-def _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP: tl.constexpr, MB: tl.constexpr):
+def _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP: tl.constexpr, MB: tl.constexpr,
+               COHERENT: tl.constexpr = False):  # fmt: skip
     """The activations (B fragments: a tuple of MB tensors) and scale/zero words of superblock ``sb + u``."""
     xa = x_row + (sb + u) * 128  # bytes: 64 activations a superblock
     dead = x_dead + 64 * (sb + u >= sb1).to(tl.int32)  # past the split: no row is loaded
     xvs = ()
     for cb in tl.static_range(MB):
         xv = tl.inline_asm_elementwise(
-            _LOAD_X_ASM_C, _LOAD_X_CONSTRAINTS_C, [(xa + cb * x_step)[None, :], (dead + 8 * cb)[None, :]],
-            dtype=tl.int64, is_pure=True, pack=4,
+            _LOAD_X_COHERENT_ASM_C if COHERENT else _LOAD_X_ASM_C, _LOAD_X_CONSTRAINTS_C,
+            [(xa + cb * x_step)[None, :], (dead + 8 * cb)[None, :]], dtype=tl.int64, is_pure=True, pack=4,
         )  # fmt: skip
         xvs = xvs + (xv,)
     za = z_rows + (tl.minimum((sb + u) * 64, K - 1) // GROUP * 64)[None, :]  # bytes: 8 lanes x 8 a group
@@ -337,6 +341,7 @@ def _mma_kernel(
     EVICT: tl.constexpr = "",  # eviction policy of the weight stream ("" or "evict_first")
     PREFETCH: tl.constexpr = 0,  # > 0: L2 prefetch of the words this many steps ahead (no registers held)
     MB: tl.constexpr = 1,  # column blocks of B: rows 8 cb .. 8 cb + 7 of x, M <= 8 MB
+    PDL: tl.constexpr = False,  # launched as a programmatic dependent launch (sm_90+): see the wait below
 ):
 # fmt: on
     # Every tensor of the main loop is [R, 128 U] and reaches memory only through loads and stores contiguous
@@ -366,7 +371,13 @@ def _mma_kernel(
     z_rows = (sz_ptr + (tl.minimum(rb, NB - 1)[:, None] * G * 8 + g[None, :]) * 2).to(tl.int64, bitcast=True)
     qw = _load_words(w_rows, c, rb_mask, sb0, sb1, u, EVICT)
     qw_later = _load_words(w_rows, c, rb_mask, sb0 + U, sb1, u, EVICT)  # DEPTH 2: two steps ahead
-    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb0, sb1, u, K, GROUP, MB)
+    if PDL:
+        # The previous kernel may still run: the weights and scales are read-only, so their first loads are
+        # issued above; x, the workspace, the output and the shared arrival counters are touched only after
+        # this wait; x is read with coherent loads, which the compiler keeps below it (it moves .nc loads above).
+        tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.b32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                  pack=1)  # fmt: skip
+    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb0, sb1, u, K, GROUP, MB, PDL)
     for sb in range(sb0, sb1, U):
         nxt = sb + U  # the next step's loads are in flight while this step computes
         if DEPTH == 2:
@@ -374,7 +385,7 @@ def _mma_kernel(
             qw_later = _load_words(w_rows, c, rb_mask, sb + 2 * U, sb1, u, EVICT)
         else:
             qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
-        xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB)
+        xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL)
         if PREFETCH > 0:  # one prefetch a 128-byte line (4 a superblock), clamped into this program's words
             line = tl.arange(0, 4 * U)
             ahead = tl.minimum(sb + PREFETCH * U + line // 4, sb1 - 1)
@@ -414,6 +425,9 @@ LAYER_MAX_M = min(MAX_M, int(os.environ.get("FRAMEWORK_INT4_MMA_MAX_M", "8")))
 # prefetches some steps ahead) are not yet timed on a GPU: ``check_int4_mma.py --extended`` sweeps them.
 TUNED: dict[tuple[int, int], dict] = {}
 DEFAULT = {"rows": 4, "unroll": 2, "num_warps": 4}
+# FRAMEWORK_INT4_MMA_PDL=1: launch as a programmatic dependent launch on sm_90+, so that a kernel's weight
+# loads start while the kernel before it finishes (also inside CUDA graphs). Not yet timed: off by default.
+PDL = os.environ.get("FRAMEWORK_INT4_MMA_PDL", "0") == "1"
 
 
 def aligned(x: torch.Tensor) -> bool:
@@ -431,7 +445,16 @@ def _tuned() -> dict:
 
 def matmul(x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int) -> torch.Tensor:
     """``mma_matmul`` with the measured config for the shape."""
-    return mma_matmul(x, qweight, szp, group_size, **_tuned().get((qweight.shape[0] * 16, x.shape[1]), DEFAULT))
+    kwargs = dict(_tuned().get((qweight.shape[0] * 16, x.shape[1]), DEFAULT))
+    if PDL and "pdl" not in kwargs:
+        kwargs["pdl"] = _has_pdl(x.device)
+    return mma_matmul(x, qweight, szp, group_size, **kwargs)
+
+
+@functools.cache
+def _has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (``griddepcontrol``): sm_90 and newer."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.cache
@@ -462,7 +485,7 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
 def mma_matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
-    prefetch: int = 0,
+    prefetch: int = 0, pdl: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only)."""
     M, K = x.shape
@@ -487,7 +510,7 @@ def mma_matmul(
         x, qweight, szp, out, ws, cnt if cnt is not None else ws,
         M, N, K, x.stride(0), szp.shape[1], per, splits, 2 * K,
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
-        DEPTH=depth, EVICT=evict, PREFETCH=prefetch, MB=mb,
+        DEPTH=depth, EVICT=evict, PREFETCH=prefetch, MB=mb, PDL=pdl, launch_pdl=pdl,
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     if cnt is None:

@@ -160,7 +160,7 @@ class Warp:
                 v = self._val(r, args[1]) & MASK32
                 v = v - (1 << 32) if v & 0x80000000 else v
                 preds[lane][args[0]] = v < self._val(r, args[2])
-            elif op in ("ld.global.nc.v2.b64", "ld.global.nc.v2.b32"):
+            elif op in ("ld.global.nc.v2.b64", "ld.global.nc.v2.b32", "ld.global.v2.b64", "ld.global.v2.b32"):
                 width = 8 if op.endswith("b64") else 4
                 dst = [a.strip() for a in args[0].strip("{}").split(",")]
                 m2 = re.fullmatch(r"\[(\$\d+|\w+)(?:\+(\d+))?\]", args[1])

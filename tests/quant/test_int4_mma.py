@@ -136,6 +136,7 @@ def test_kernel_matches_reference(dtype, n, k, group):
             dict(rows=8, unroll=2, split=3, num_warps=8),
             dict(rows=2, unroll=2, split=0, num_warps=2, depth=2, evict="evict_first"),
             dict(rows=4, unroll=1, split=3, prefetch=4),
+            *([dict(rows=4, unroll=2, split=2, pdl=True)] if torch.cuda.get_device_capability()[0] >= 9 else []),
         ):
             out = int4_mma.mma_matmul(x, qw, szp, group, **kw).float()
             err = ((out - ref).abs().max() / ref.abs().max()).item()
