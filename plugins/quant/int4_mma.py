@@ -10,11 +10,14 @@ each word into four bf16x2 (or f16x2) registers with one ``lop3`` a pair
 (both exact but for the one rounding of ``(q - z) * s``, the rounding the
 reference dequantization makes), and issues the ``mma`` with the activations
 as the B operand (column ``m`` of B is row ``m`` of x: 8 rows a column block,
-up to 8 blocks, all served by one pass over the weights; fp32 accumulation). That is done in inline PTX
+up to 8 blocks, all served by one pass over the weights; fp32 accumulation).
+That, and the loads of activations and scale words a step ahead, is inline PTX
 (``tl.inline_asm_elementwise`` with ``pack=4``: one invocation per thread and
-per four words), so it runs on CUDA only (sm_80 and newer); the Triton
-interpreter cannot run it, and the CPU tests check the layout with
-``unpack`` / ``reference_matmul`` instead.
+per four words) inside a Triton loop whose tensors all have one layout, so it
+runs on CUDA only (sm_80 and newer). The Triton interpreter cannot run it: the
+CPU tests run the PTX strings on an emulated warp (``tests/quant/ptx_emu.py``)
+and check the layout with ``unpack`` / ``reference_matmul``; ``usable`` checks
+the compiled kernel on the GPU at load time.
 
 Layout (``N`` output features, ``K`` inputs; ``N % 16 == 0``, ``K % 64 == 0``, the
 group size a multiple of 64)::
