@@ -440,7 +440,11 @@ def aligned(x: torch.Tensor) -> bool:
 
 def _tuned() -> dict:
     """TUNED, overridden by ``FRAMEWORK_INT4_MMA_TUNED`` (JSON ``{"NxK": {"rows": 4, ...}}``: for sweeps)."""
-    env = os.environ.get("FRAMEWORK_INT4_MMA_TUNED")
+    return _parse_tuned(os.environ.get("FRAMEWORK_INT4_MMA_TUNED", ""))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_tuned(env: str) -> dict:
     if not env:
         return TUNED
     return {tuple(int(v) for v in key.split("x")): dict(cfg) for key, cfg in json.loads(env).items()}

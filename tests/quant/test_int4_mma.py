@@ -245,3 +245,10 @@ def test_single_copy_layers_serve_every_row_count(monkeypatch):
         ref = int4_mma.reference_matmul(x, layer.mma_qweight, layer.mma_szp, 128).float()
         out = apply_int_weight(layer, x).float()
         assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-2, m
+
+
+def test_tuned_configs_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FRAMEWORK_INT4_MMA_TUNED", raising=False)
+    assert int4_mma._tuned() == int4_mma.TUNED
+    monkeypatch.setenv("FRAMEWORK_INT4_MMA_TUNED", '{"6144x4096": {"rows": 8, "unroll": 1, "num_warps": 8, "pdl": true}}')
+    assert int4_mma._tuned() == {(6144, 4096): {"rows": 8, "unroll": 1, "num_warps": 8, "pdl": True}}
