@@ -33,17 +33,9 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 date -u +%FT%TZ | tee -a "$OUT/device.txt"
 
-phase() {  # phase NAME SECONDS COMMAND...: run, log to OUT/NAME.log, report rc and time
-    local name=$1 limit=$2
-    shift 2
-    local start=$SECONDS
-    echo "=== $name: $*"
-    timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "=== $name: rc=$rc in $((SECONDS - start)) s"
-    grep -E '^\{|Throughput|===|\[graphs\]|    [A-Z][a-z]+\(|error|Error|ready_s|CUDA graphs|KV cache' "$OUT/$name.log" \
-        | grep -v '^INFO.*httpx' | tail -30
-}
+PHASE_SUMMARY='^\{|Throughput|===|\[graphs\]|    [A-Z][a-z]+\(|error|Error|ready_s|CUDA graphs|KV cache'
+# shellcheck source=benchmarks/phase.sh
+. benchmarks/phase.sh
 
 for p in $PHASES; do
     case $p in

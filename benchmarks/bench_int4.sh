@@ -30,16 +30,10 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 git log --oneline -1 2>/dev/null | tee -a "$OUT/device.txt"
 date -u +%FT%TZ | tee -a "$OUT/device.txt"
 
-phase() {  # phase NAME SECONDS COMMAND...: run, log to OUT/NAME.log, report rc and time
-    local name=$1 limit=$2
-    shift 2
-    local start=$SECONDS
-    echo "=== $name: $*"
-    timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "=== $name: rc=$rc in $((SECONDS - start)) s"
-    grep -E '^\{|^FRAMEWORK_|passed|failed|correctness|error|Error|copy bandwidth' "$OUT/$name.log" | cut -c1-400 | tail -24
-}
+PHASE_SUMMARY='^\{|^FRAMEWORK_|passed|failed|correctness|error|Error|copy bandwidth'
+PHASE_LINES=24
+# shellcheck source=benchmarks/phase.sh
+. benchmarks/phase.sh
 
 latency() {  # latency NAME [ENV=VALUE ...] -- [framework args ...]
     local name=$1
