@@ -252,3 +252,29 @@ def test_tuned_configs_from_the_environment(monkeypatch):
     assert int4_mma._tuned() == int4_mma.TUNED
     monkeypatch.setenv("FRAMEWORK_INT4_MMA_TUNED", '{"6144x4096": {"rows": 8, "unroll": 1, "num_warps": 8, "pdl": true}}')
     assert int4_mma._tuned() == {(6144, 4096): {"rows": 8, "unroll": 1, "num_warps": 8, "pdl": True}}
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("pdl", [False, True])
+def test_graph_replay_matches_eager(pdl):
+    """Captured in a CUDA graph (as decode steps run it, PDL edges included), the kernel gives the eager bits."""
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    layers = []
+    for n, k in ((256, 1024), (128, 256)):  # two chained linears: the second reads what the first wrote
+        q, scales, zeros = _layer(n, k, 128, torch.bfloat16, seed=n, device="cuda")
+        layers.append((int4_mma.repack(q), int4_mma.pack_scales(scales, zeros)))
+    (qw1, sz1), (qw2, sz2) = layers
+    x = torch.randn(4, 1024, device="cuda").to(torch.bfloat16)
+    eager = int4_mma.mma_matmul(x, qw1, sz1, 128, pdl=pdl)
+    assert torch.equal(eager, int4_mma.mma_matmul(x, qw1, sz1, 128, pdl=pdl))  # deterministic split-K order
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        first = int4_mma.mma_matmul(x, qw1, sz1, 128, pdl=pdl)
+        second = int4_mma.mma_matmul(first, qw2, sz2, 128, pdl=pdl)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    expect = int4_mma.mma_matmul(x, qw1, sz1, 128)
+    assert torch.equal(first, expect)
+    assert torch.equal(second, int4_mma.mma_matmul(expect, qw2, sz2, 128))
