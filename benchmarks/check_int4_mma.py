@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.check_gemv import copy_bandwidth, graph_time_us  # noqa: E402
 from framework.ops import triton_gemv  # noqa: E402
 from plugins.quant import int4_mma, triton_int4  # noqa: E402
+from plugins.quant import int4_mma_layout as layout  # noqa: E402
 from plugins.quant.int4_common import pack_rows  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -58,14 +59,14 @@ def correctness(failures: list) -> list[dict]:
     ]
     for (n, k, group), dtype in itertools.product(cases, (torch.bfloat16, torch.float16)):
         q, s, z = make_layer(n, k, group, dtype)
-        qw = int4_mma.repack(q)
-        szp = int4_mma.pack_scales(s, z)
-        ok_layout = torch.equal(int4_mma.unpack(qw), q)
-        s2, z2 = int4_mma.unpack_scales(szp, dtype)
+        qw = layout.repack(q)
+        szp = layout.pack_scales(s, z)
+        ok_layout = torch.equal(layout.unpack(qw), q)
+        s2, z2 = layout.unpack_scales(szp, dtype)
         ok_layout &= torch.equal(s2, s) and torch.equal(z2, z)
         for m in (1, 2, 3, 5, 8, 9, 16, 33, 64):
             x = torch.randn(m, k, device=DEV, dtype=dtype)
-            ref = int4_mma.reference_matmul(x, qw, szp, group).float()
+            ref = layout.reference_matmul(x, qw, szp, group).float()
             for kw in CHECKED:
                 out = int4_mma.mma_matmul(x, qw, szp, group, **kw).float()
                 err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
@@ -117,8 +118,8 @@ def sweep(bw: float, mode: str, reps: int) -> list[dict]:
         q, s, z = make_layer(n, k, group, torch.bfloat16)
         nbytes_int4 = n * k // 2 + 2 * (k // group) * n * 2
         copies = max(2, math.ceil(3 * l2 / nbytes_int4))
-        qws = [int4_mma.repack(q) for _ in range(copies)]
-        szp = int4_mma.pack_scales(s, z)
+        qws = [layout.repack(q) for _ in range(copies)]
+        szp = layout.pack_scales(s, z)
         old_q = pack_rows(q, 4)
         olds = [old_q.clone() for _ in range(copies)]
         w16 = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(max(2, math.ceil(3 * l2 / (n * k * 2))))]

@@ -115,20 +115,20 @@ def _mma_layout(qweight, scales, zeros, bits, group_size) -> tuple[torch.Tensor,
     if bits != 4 or not qweight.is_cuda or os.environ.get("FRAMEWORK_INT4_MMA", "1") == "0":
         return None
     try:
-        from plugins.quant import int4_mma
+        from plugins.quant import int4_mma, int4_mma_layout as layout
     except Exception as err:  # noqa: BLE001 - no triton: the other paths remain
         logger.warning("int4 tensor-core kernel unavailable (%s)", err)
         return None
     k, n = qweight.shape[0] * 8, qweight.shape[1]
-    if not int4_mma.supported(n, k, group_size, bits) or scales.dtype not in int4_mma.MAGIC_VALUE:
+    if not layout.supported(n, k, group_size, bits) or scales.dtype not in layout.MAGIC_VALUE:
         return None
     try:
-        szp = int4_mma.pack_scales(scales, zeros)
+        szp = layout.pack_scales(scales, zeros)
     except ValueError:  # zero points that are not small integers
         return None
     if not int4_mma.usable(qweight.device, scales.dtype):
         return None
-    return int4_mma.repack(unpack_rows(qweight, 4)), szp
+    return layout.repack(unpack_rows(qweight, 4)), szp
 
 
 # FRAMEWORK_INT4_SINGLE_COPY=1: a 4-bit layer on CUDA keeps only the tensor-core layout; steps of up to
@@ -155,7 +155,7 @@ def apply_int_weight(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
         x2d = x2d.index_select(1, layer.perm)
     matmul = _triton_matmul() if x.is_cuda else None
     if getattr(layer, "mma_qweight", None) is not None and x2d.shape[0] > 0:
-        from plugins.quant import int4_mma
+        from plugins.quant import int4_mma, int4_mma_layout
 
         only = layer.qweight is None  # the single-copy layout (SINGLE_COPY)
         limit = int4_mma.MAX_M if only else int4_mma.LAYER_MAX_M
@@ -167,7 +167,7 @@ def apply_int_weight(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
                 out = int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size)
                 return (out if bias is None else out + bias).reshape(*x.shape[:-1], out.shape[-1])
         if only:
-            weight = int4_mma.dequantize(layer.mma_qweight, layer.scales, layer.zeros, layer.group_size)
+            weight = int4_mma_layout.dequantize(layer.mma_qweight, layer.scales, layer.zeros, layer.group_size)
             out = torch.matmul(x2d.to(weight.dtype), weight).to(x.dtype)
             return (out if bias is None else out + bias).reshape(*x.shape[:-1], out.shape[-1])
     if matmul is not None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from plugins.quant import int4_mma
+from plugins.quant import int4_mma_layout as layout
 from plugins.quant.int4_common import apply_int_weight, dequantize, pack_rows, set_int_layout
 
 CUDA = torch.cuda.is_available()
@@ -43,31 +44,31 @@ def _code_at(words: torch.Tensor, k: int, n: int) -> int:
 def test_repack_puts_each_code_where_the_layout_says():
     k, n = 192, 48
     q, _, _ = _layer(n, k, 64, torch.bfloat16)
-    words = int4_mma.repack(q)
+    words = layout.repack(q)
     assert words.shape == (n // 16, k // 64, 32, 4) and words.dtype == torch.int32
     gen = torch.Generator().manual_seed(1)
     for kk, nn_ in zip(torch.randint(0, k, (300,), generator=gen).tolist(), torch.randint(0, n, (300,), generator=gen).tolist()):
         assert _code_at(words, kk, nn_) == int(q[kk, nn_]), (kk, nn_)
-    assert torch.equal(int4_mma.unpack(words), q)
+    assert torch.equal(layout.unpack(words), q)
 
 
 def test_repack_top_code_fills_the_sign_bit():
     q = torch.full((64, 16), 15, dtype=torch.int32)
-    words = int4_mma.repack(q)
+    words = layout.repack(q)
     assert (words == -1).all()  # 0xFFFFFFFF
-    assert torch.equal(int4_mma.unpack(words), q)
+    assert torch.equal(layout.unpack(words), q)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_pack_scales_round_trip(dtype):
     _, scales, zeros = _layer(32, 256, 64, dtype)
-    szp = int4_mma.pack_scales(scales, zeros)
+    szp = layout.pack_scales(scales, zeros)
     assert szp.shape == (2, 4, 8, 2)
-    s, z = int4_mma.unpack_scales(szp, dtype)
+    s, z = layout.unpack_scales(szp, dtype)
     assert torch.equal(s, scales) and torch.equal(z, zeros)
     # word (r, gi, g, 0): -(magic + zero) of rows 16r+g (low half) and 16r+g+8 (high half)
     low = torch.tensor([int(szp[1, 2, 3, 0]) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dtype)
-    assert float(low) == -(int4_mma.MAGIC_VALUE[dtype] + float(zeros[2, 16 + 3]))
+    assert float(low) == -(layout.MAGIC_VALUE[dtype] + float(zeros[2, 16 + 3]))
     high = torch.tensor([(int(szp[1, 2, 3, 1]) >> 16) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dtype)
     assert float(high) == float(scales[2, 16 + 8 + 3])
 
@@ -75,9 +76,9 @@ def test_pack_scales_round_trip(dtype):
 def test_pack_scales_rejects_what_it_cannot_hold():
     _, scales, zeros = _layer(16, 64, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="zero points"):
-        int4_mma.pack_scales(scales, zeros + 0.5)
+        layout.pack_scales(scales, zeros + 0.5)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
-        int4_mma.pack_scales(scales.float(), zeros.float())
+        layout.pack_scales(scales.float(), zeros.float())
 
 
 @pytest.mark.parametrize("group", [64, 128, 256])
@@ -85,20 +86,20 @@ def test_reference_matches_the_other_layout(group):
     k, n = 256, 64
     q, scales, zeros = _layer(n, k, group, torch.bfloat16, seed=group)
     x = torch.randn(3, k).to(torch.bfloat16)
-    ref = int4_mma.reference_matmul(x, int4_mma.repack(q), int4_mma.pack_scales(scales, zeros), group)
+    ref = layout.reference_matmul(x, layout.repack(q), layout.pack_scales(scales, zeros), group)
     w = dequantize(pack_rows(q, 4), scales, zeros, 4, group)  # [N, K] in bf16
     expect = (x.float() @ w.float().t()).to(torch.bfloat16)
     torch.testing.assert_close(ref, expect, rtol=0, atol=0)
 
 
 def test_supported_shapes():
-    assert int4_mma.supported(4096, 4096, 128, 4)
-    assert int4_mma.supported(48, 320, 320, 4)
-    assert not int4_mma.supported(4096, 4096, 128, 8)
-    assert not int4_mma.supported(40, 4096, 128, 4)  # rows not a multiple of 16
-    assert not int4_mma.supported(4096, 4096, 32, 4)  # a superblock would span two groups
-    assert int4_mma.supported(64, 4160, 4160, 4)  # 65 superblocks, one group
-    assert not int4_mma.supported(64, 4128, 4128, 4)  # K not a multiple of 64
+    assert layout.supported(4096, 4096, 128, 4)
+    assert layout.supported(48, 320, 320, 4)
+    assert not layout.supported(4096, 4096, 128, 8)
+    assert not layout.supported(40, 4096, 128, 4)  # rows not a multiple of 16
+    assert not layout.supported(4096, 4096, 32, 4)  # a superblock would span two groups
+    assert layout.supported(64, 4160, 4160, 4)  # 65 superblocks, one group
+    assert not layout.supported(64, 4128, 4128, 4)  # K not a multiple of 64
 
 
 def test_aligned():
@@ -114,7 +115,7 @@ def test_cpu_layers_keep_one_copy():
     set_int_layout(layer, pack_rows(q, 4), scales, zeros, None, 4, 64)
     assert layer.mma_qweight is None and layer.mma_szp is None
     x = torch.randn(2, 128).to(torch.bfloat16)
-    expect = int4_mma.reference_matmul(x, int4_mma.repack(q), int4_mma.pack_scales(scales, zeros), 64)
+    expect = layout.reference_matmul(x, layout.repack(q), layout.pack_scales(scales, zeros), 64)
     torch.testing.assert_close(apply_int_weight(layer, x), expect, rtol=2e-2, atol=2e-2)
 
 
@@ -126,10 +127,10 @@ def test_cpu_layers_keep_one_copy():
 @pytest.mark.parametrize("n,k,group", [(48, 256, 64), (160, 512, 128), (80, 320, 320), (4096, 4096, 128)])
 def test_kernel_matches_reference(dtype, n, k, group):
     q, scales, zeros = _layer(n, k, group, dtype, device="cuda")
-    qw, szp = int4_mma.repack(q), int4_mma.pack_scales(scales, zeros)
+    qw, szp = layout.repack(q), layout.pack_scales(scales, zeros)
     for m in (1, 2, 5, 8, 9, 16, 33, 64):
         x = torch.randn(m, k, device="cuda").to(dtype)
-        ref = int4_mma.reference_matmul(x, qw, szp, group).float()
+        ref = layout.reference_matmul(x, qw, szp, group).float()
         for kw in (
             dict(rows=4, unroll=2, split=0),
             dict(rows=4, unroll=1, split=1),
@@ -152,7 +153,7 @@ def test_cuda_layers_take_the_kernel_for_few_rows():
     assert layer.mma_qweight is not None
     for m in (1, 8, 9):  # 9 rows: the other kernels
         x = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
-        ref = int4_mma.reference_matmul(x, layer.mma_qweight, layer.mma_szp, 128).float()
+        ref = layout.reference_matmul(x, layer.mma_qweight, layer.mma_szp, 128).float()
         out = apply_int_weight(layer, x).float()
         assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-2
 
@@ -206,11 +207,11 @@ def test_ptx_matches_reference(dtype, m, group):
     """The asm strings themselves (dequantize, scale, fragments, loads) on an emulated warp."""
     k, n = 128, 32
     q, scales, zeros = _layer(n, k, group, dtype, seed=7 + m)
-    qw, szp = int4_mma.repack(q), int4_mma.pack_scales(scales, zeros)
+    qw, szp = layout.repack(q), layout.pack_scales(scales, zeros)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     out = _emulate(x, qw, szp, group)
     # the reference: weights dequantized to x's dtype (the kernel's one rounding), products summed exactly
-    s, z = int4_mma.unpack_scales(szp, dtype)
+    s, z = layout.unpack_scales(szp, dtype)
     g = torch.arange(k) // group
     w = ((q.double() - z.double()[g]) * s.double()[g]).to(dtype).double()
     ref = x.double() @ w
@@ -223,7 +224,7 @@ def test_dequantize_from_the_layout(group):
     k, n = 320, 48
     q, scales, zeros = _layer(n, k, group if k % group == 0 else k, torch.bfloat16, seed=11)
     group = group if k % group == 0 else k
-    w = int4_mma.dequantize(int4_mma.repack(q), scales, zeros, group)
+    w = layout.dequantize(layout.repack(q), scales, zeros, group)
     g = torch.arange(k) // group
     exact = (q.float() - zeros.float()[g]) * scales.float()[g]
     assert w.shape == (k, n) and w.dtype == torch.bfloat16
@@ -242,7 +243,7 @@ def test_single_copy_layers_serve_every_row_count(monkeypatch):
     assert layer.qweight is None and layer.mma_qweight is not None
     for m in (1, 9, 64, 65, 300):
         x = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
-        ref = int4_mma.reference_matmul(x, layer.mma_qweight, layer.mma_szp, 128).float()
+        ref = layout.reference_matmul(x, layer.mma_qweight, layer.mma_szp, 128).float()
         out = apply_int_weight(layer, x).float()
         assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-2, m
 
@@ -263,7 +264,7 @@ def test_graph_replay_matches_eager(pdl):
     layers = []
     for n, k in ((256, 1024), (128, 256)):  # two chained linears: the second reads what the first wrote
         q, scales, zeros = _layer(n, k, 128, torch.bfloat16, seed=n, device="cuda")
-        layers.append((int4_mma.repack(q), int4_mma.pack_scales(scales, zeros)))
+        layers.append((layout.repack(q), layout.pack_scales(scales, zeros)))
     (qw1, sz1), (qw2, sz2) = layers
     x = torch.randn(4, 1024, device="cuda").to(torch.bfloat16)
     eager = int4_mma.mma_matmul(x, qw1, sz1, 128, pdl=pdl)
