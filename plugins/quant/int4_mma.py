@@ -210,7 +210,7 @@ def _mma_kernel(
     qw_ptr,  # int32 [N // 16, K // 64, 32, 4]
     sz_ptr,  # int32 [N // 16, G, 8, 2]
     out_ptr,  # [M, N] in x's dtype
-    ws_ptr,  # fp32 [S, tiles, R, 128 U] fragment-ordered partial sums
+    ws_ptr,  # fp32 [S, tiles, MB, R, 128 U] fragment-ordered partial sums
     cnt_ptr,  # int32 arrival counters, one per tile (SERIAL)
     M, N, K, sxm, G, sb_per_split, num_splits,
     row_words,  # 2 * K: int32 words per 16-row block
@@ -249,7 +249,8 @@ def _mma_kernel(
     x_dead = g - M  # >= 0: B's column is past M (zeros)
     z_rows = (sz_ptr + (tl.minimum(rb, NB - 1)[:, None] * G * 8 + g[None, :]) * 2).to(tl.int64, bitcast=True)
     qw = _load_words(w_rows, c, rb_mask, sb0, sb1, u, EVICT)
-    qw_later = _load_words(w_rows, c, rb_mask, sb0 + U, sb1, u, EVICT)  # DEPTH 2: two steps ahead
+    if DEPTH == 2:  # the step after the first, in flight too
+        qw_later = _load_words(w_rows, c, rb_mask, sb0 + U, sb1, u, EVICT)
     if PDL:
         # The previous kernel may still run: the weights and scales are read-only, so their first loads are
         # issued above; x, the workspace, the output and the shared arrival counters are touched only after
