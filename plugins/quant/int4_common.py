@@ -109,9 +109,10 @@ def set_int_layout(
 
 
 def _mma_layout(qweight, scales, zeros, bits, group_size) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The tensor-core copy of a 4-bit layer for decode steps of <= 8 rows (``plugins.quant.int4_mma``), on
+    """The tensor-core copy of a 4-bit layer for decode steps of few rows (``plugins.quant.int4_mma``), on
     CUDA when the shape, dtype and zero points allow it and the kernel passed its self-check here; else None.
-    It is a second copy of the codes (the tiled and dequantizing paths for more rows read ``qweight``)."""
+    It is a second copy of the codes (the tiled and dequantizing paths for more rows read ``qweight``) unless
+    SINGLE_COPY drops the first."""
     if bits != 4 or not qweight.is_cuda or os.environ.get("FRAMEWORK_INT4_MMA", "1") == "0":
         return None
     try:
@@ -153,31 +154,38 @@ def apply_int_weight(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     x2d = x.reshape(-1, x.shape[-1])
     if layer.perm is not None:
         x2d = x2d.index_select(1, layer.perm)
-    matmul = _triton_matmul() if x.is_cuda else None
-    if getattr(layer, "mma_qweight", None) is not None and x2d.shape[0] > 0:
-        from plugins.quant import int4_mma, int4_mma_layout
-
-        only = layer.qweight is None  # the single-copy layout (SINGLE_COPY)
-        limit = int4_mma.MAX_M if only else int4_mma.LAYER_MAX_M
-        if x2d.shape[0] <= limit and x.dtype == layer.scales.dtype:
-            rows = x2d.contiguous()
-            if only and not int4_mma.aligned(rows):
-                rows = rows.clone()  # a fresh allocation is aligned
-            if int4_mma.aligned(rows):
-                out = int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size)
-                return (out if bias is None else out + bias).reshape(*x.shape[:-1], out.shape[-1])
-        if only:
-            weight = int4_mma_layout.dequantize(layer.mma_qweight, layer.scales, layer.zeros, layer.group_size)
-            out = torch.matmul(x2d.to(weight.dtype), weight).to(x.dtype)
-            return (out if bias is None else out + bias).reshape(*x.shape[:-1], out.shape[-1])
-    if matmul is not None:
-        out = matmul(x2d.contiguous(), layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bits)
-    else:
-        weight = dequantize(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size)
-        out = F.linear(x2d, weight.to(x.dtype))
+    out = _apply_mma(layer, x2d) if getattr(layer, "mma_qweight", None) is not None else None
+    if out is None:
+        matmul = _triton_matmul() if x.is_cuda else None
+        if matmul is not None:
+            out = matmul(x2d.contiguous(), layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.bits)
+        else:
+            weight = dequantize(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size)
+            out = F.linear(x2d, weight.to(x.dtype))
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _apply_mma(layer: nn.Module, x2d: torch.Tensor) -> torch.Tensor | None:
+    """``x2d @ W^T`` from the tensor-core copy (``plugins.quant.int4_mma``), or None where the other kernels
+    take the step (more rows than the kernel is sent, another dtype, unaligned rows, no rows) with ``qweight``."""
+    from plugins.quant import int4_mma, int4_mma_layout
+
+    only = layer.qweight is None  # the single-copy layout (SINGLE_COPY): every step goes through this copy
+    m = x2d.shape[0]
+    if 0 < m <= (int4_mma.MAX_M if only else int4_mma.LAYER_MAX_M) and x2d.dtype == layer.scales.dtype:
+        rows = x2d.contiguous()
+        if only and not int4_mma.aligned(rows):
+            rows = rows.clone()  # a fresh allocation is aligned
+        if int4_mma.aligned(rows):
+            return int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size)
+    if not only:
+        return None
+    if m == 0:
+        return x2d.new_empty((0, layer.mma_qweight.shape[0] * 16))
+    weight = int4_mma_layout.dequantize(layer.mma_qweight, layer.scales, layer.zeros, layer.group_size)
+    return torch.matmul(x2d.to(weight.dtype), weight).to(x2d.dtype)
 
 
 # -- shared by the quant configs -------------------------------------------------

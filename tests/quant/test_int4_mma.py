@@ -241,6 +241,7 @@ def test_single_copy_layers_serve_every_row_count(monkeypatch):
     q, scales, zeros = _layer(64, 256, 128, torch.bfloat16, device="cuda")
     set_int_layout(layer, pack_rows(q, 4), scales, zeros, None, 4, 128)
     assert layer.qweight is None and layer.mma_qweight is not None
+    assert apply_int_weight(layer, torch.empty(0, 256, device="cuda", dtype=torch.bfloat16)).shape == (0, 64)
     for m in (1, 9, 64, 65, 300):
         x = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
         ref = layout.reference_matmul(x, layer.mma_qweight, layer.mma_szp, 128).float()
