@@ -79,34 +79,36 @@ def correctness(failures: list) -> list[dict]:
     return rows
 
 
-CHECKED = [  # configs the correctness pass runs (split 0: the launcher's choice)
+CHECKED = [  # configs the correctness pass runs (split 0: the launcher's choice; 1: no workspace)
     dict(rows=4, unroll=1, split=1),
     dict(rows=8, unroll=2, split=0, num_warps=8),
     dict(rows=4, unroll=2, split=3),
     dict(rows=4, unroll=2, split=0, depth=2),
     dict(rows=1, unroll=1, split=2, num_warps=1, depth=2, evict="evict_first"),
-    dict(rows=4, unroll=2, split=0, prefetch=4),
+    dict(rows=1, unroll=2, split=1, num_warps=4, kslices=4),
+    dict(rows=2, unroll=1, split=3, num_warps=4, kslices=2),
+    dict(rows=1, unroll=2, split=0, num_warps=8, kslices=8),
     dict(rows=4, unroll=2, split=3, pdl=True),  # sm_90+
 ]
 
+# program shapes: (16-row blocks, slices of the superblocks) a program, one tile row a warp
+SHAPES_RK = ((4, 1), (2, 1), (8, 1), (1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (1, 8))
+
 
 def configs(mode: str):
-    """mma_matmul keyword sets to time (each with ``waves``: split-K to that many waves, 0 the default)."""
-    if mode == "extended":  # prefetch depth, L2 prefetch, the weight stream's eviction policy, program sizes
-        variants = (  # (depth, evict, prefetch, pdl)
-            (1, "", 0, False), (2, "", 0, False), (2, "evict_first", 0, False), (1, "", 4, False),
-            (1, "", 8, False), (1, "", 0, True), (2, "", 4, True),
-        )  # fmt: skip
-        grid = itertools.product(((2, 2), (4, 4), (8, 8)), (1, 2), variants, (0, 8))
-        for (r, w), u, (depth, evict, prefetch, pdl), wave in grid:
-            yield dict(rows=r, unroll=u, num_warps=w, depth=depth, evict=evict, prefetch=prefetch, pdl=pdl), wave
+    """mma_matmul keyword sets to time (each with ``waves``: split-K to that many waves, 0 the launcher's
+    choice, -1 one split: the program writes its outputs)."""
+    if mode == "extended":  # prefetch depth, the weight stream's eviction policy, PDL, on a few program shapes
+        variants = ((1, "", False), (2, "", False), (2, "evict_first", False), (1, "", True))  # (depth, evict, pdl)
+        grid = itertools.product(((4, 1), (2, 2), (1, 4), (1, 8)), (1, 2), variants, (0, -1))
+        for (r, ks), u, (depth, evict, pdl), wave in grid:
+            yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks, depth=depth, evict=evict, pdl=pdl), wave
         return
-    rows = (4, 8, 16) if mode == "full" else (4, 8)
-    waves = (0, 1, 2, 4) if mode == "full" else (0, 2)
-    for r, u, w, wave in itertools.product(rows, (1, 2, 4), (4, 8), waves):
-        if r < w or r * u > 32 or (mode == "quick" and r != w):
+    waves = (0, -1, 1, 2, 4) if mode == "full" else (0, -1)
+    for (r, ks), u, wave in itertools.product(SHAPES_RK, (1, 2, 4), waves):
+        if r * ks * u > 32 or mode == "quick" and u == 4 and (r, ks) not in ((4, 1), (1, 4)):
             continue
-        yield dict(rows=r, unroll=u, num_warps=w), wave
+        yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks), wave
 
 
 def sweep(bw: float, mode: str, reps: int) -> list[dict]:
@@ -123,7 +125,7 @@ def sweep(bw: float, mode: str, reps: int) -> list[dict]:
         old_q = pack_rows(q, 4)
         olds = [old_q.clone() for _ in range(copies)]
         w16 = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(max(2, math.ceil(3 * l2 / (n * k * 2))))]
-        for m in (1, 8, 16, 64) if mode == "full" else (1,):
+        for m in {"full": (1, 8, 16, 64), "quick": (1, 16)}.get(mode, (1,)):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             row = {"shape": name, "n": n, "k": k, "m": m, "int4_bytes": nbytes_int4, "bf16_bytes": n * k * 2}
             row["old_int4_us"] = graph_time_us([lambda w=w: triton_int4.int4_matmul(x, w, s, z, group) for w in olds], reps)
@@ -135,7 +137,8 @@ def sweep(bw: float, mode: str, reps: int) -> list[dict]:
                 if m > 8 and kw["unroll"] > 2 or m > 32 and kw["unroll"] > 1:  # registers: eight column blocks a word
                     continue
                 tiles = -(-(n // 16) // kw["rows"])
-                split = 0 if wave == 0 else max(1, min(k // 64 // kw["unroll"], -(-wave * sms // tiles)))
+                step = kw["unroll"] * kw["kslices"]
+                split = {0: 0, -1: 1}.get(wave) or max(1, min(k // 64 // step, -(-wave * sms // tiles)))
                 key = json.dumps({**kw, "split": split}, sort_keys=True)
                 try:
                     us = graph_time_us(
@@ -156,6 +159,8 @@ def sweep(bw: float, mode: str, reps: int) -> list[dict]:
             row["speedup_vs_old"] = row["old_int4_us"] / best[1]
             row["speedup_vs_bf16_gemv"] = (row["bf16_gemv_us"] or row["bf16_linear_us"]) / best[1]
             print(json.dumps({k_: v for k_, v in row.items() if k_ != "mma"}), flush=True)
+            timed = sorted((us, key) for key, us in row["mma"].items() if isinstance(us, float))
+            print("  fastest:", "; ".join(f"{us:.2f} {key}" for us, key in timed[:6]), flush=True)
             out.append(row)
     return out
 
@@ -166,8 +171,8 @@ T0 = time.time()
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true", help="fewer configs, M = 1 only")
-    ap.add_argument("--extended", action="store_true", help="prefetch depth, eviction policy, small programs (M = 1)")
+    ap.add_argument("--quick", action="store_true", help="fewer configs, M = 1 and 16")
+    ap.add_argument("--extended", action="store_true", help="prefetch depth, eviction policy, PDL on a few program shapes (M = 1)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args()
@@ -188,8 +193,10 @@ def main() -> int:
         result["copy_gbps"] = bw / 1e9
         mode = "extended" if args.extended else "quick" if args.quick else "full"
         result["sweep"] = sweep(bw, mode, args.reps)
-        tuned = {f"{r['n']}x{r['k']}": {k: v for k, v in r["best"].items() if k != "split"}
-                 for r in result["sweep"] if r["m"] == 1 and r["best"]}  # fmt: skip
+        # the split is left to the launcher, but for one split (no workspace: a different program)
+        tuned = {f"{r['n']}x{r['k']}" + ("x16" if r["m"] > 8 else ""): {k: v for k, v in r["best"].items()
+                                                                     if k != "split" or v == 1}
+                 for r in result["sweep"] if r["m"] in (1, 16) and r["best"]}  # fmt: skip
         result["tuned_env"] = json.dumps(tuned)
         print(f"FRAMEWORK_INT4_MMA_TUNED='{result['tuned_env']}'", flush=True)
     if args.out:

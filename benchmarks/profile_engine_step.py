@@ -40,7 +40,7 @@ def kernel_table(engine, steps: int) -> str:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
 
 
 def main() -> None:
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--profile-steps", type=int, default=30)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--quantization", default=None, help="e.g. gptq or awq (dummy weights packed in that format)")
     parser.add_argument(
         "--async-scheduling", action="store_true",
         help="with async scheduling (steps overlap: only wall, GPU and idle share are reported, not the phases)",
@@ -66,6 +67,7 @@ def main() -> None:
     llm = framework.LLM(
         args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.prompt_len + 1024,
         max_num_seqs=args.batch, enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+        quantization=args.quantization,
     )  # fmt: skip
     engine, runner = llm.engine, llm.engine.runner
     cuda = engine.device.type == "cuda"

@@ -129,25 +129,23 @@ _LOAD_X_COHERENT_ASM_C = tl.constexpr(_LOAD_X_ASM.replace("ld.global.nc.", "ld.g
 _LOAD_X_CONSTRAINTS_C = tl.constexpr(_LOAD_X_CONSTRAINTS)
 _LOAD_Z_ASM_C = tl.constexpr(_LOAD_Z_ASM)
 _LOAD_Z_CONSTRAINTS_C = tl.constexpr(_LOAD_Z_CONSTRAINTS)
-# An L2 prefetch of the 128-byte line at address $1; $0 is a dummy (an inline asm must return something).
-# Not pure, so that it is kept. Its tensor is [R, 4 U], not the loop's shape: its layout does not matter.
-_PREFETCH_ASM = tl.constexpr("prefetch.global.L2 [$1];\nmov.b32 $0, 0;")
-
 
 @triton.jit
 def _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP: tl.constexpr, MB: tl.constexpr,
                COHERENT: tl.constexpr = False):  # fmt: skip
-    """The activations (B fragments: a tuple of MB tensors) and scale/zero words of superblock ``sb + u``."""
-    xa = x_row + (sb + u) * 128  # bytes: 64 activations a superblock
-    dead = x_dead + 64 * (sb + u >= sb1).to(tl.int32)  # past the split: no row is loaded
+    """The activations (B fragments: a tuple of MB tensors) and scale/zero words of superblock ``sb + u``
+    (``sb``: the step's first superblock of each row of the tile, ``[R KS]``)."""
+    sbu = sb[:, None] + u[None, :]
+    xa = x_row[None, :] + sbu * 128  # bytes: 64 activations a superblock
+    dead = x_dead[None, :] + 64 * (sbu >= sb1).to(tl.int32)  # past the split: no row is loaded
     xvs = ()
     for cb in tl.static_range(MB):
         xv = tl.inline_asm_elementwise(
             _LOAD_X_COHERENT_ASM_C if COHERENT else _LOAD_X_ASM_C, _LOAD_X_CONSTRAINTS_C,
-            [(xa + cb * x_step)[None, :], (dead + 8 * cb)[None, :]], dtype=tl.int64, is_pure=True, pack=4,
+            [xa + cb * x_step, dead + 8 * cb], dtype=tl.int64, is_pure=True, pack=4,
         )  # fmt: skip
         xvs = xvs + (xv,)
-    za = z_rows + (tl.minimum((sb + u) * 64, K - 1) // GROUP * 64)[None, :]  # bytes: 8 lanes x 8 a group
+    za = z_rows + tl.minimum(sbu * 64, K - 1) // GROUP * 64  # bytes: 8 lanes x 8 a group
     zv = tl.inline_asm_elementwise(_LOAD_Z_ASM_C, _LOAD_Z_CONSTRAINTS_C, [za], dtype=tl.int32, is_pure=True, pack=4)
     return xvs, zv
 
@@ -175,9 +173,22 @@ def _mma_step(ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, args, MB: tl.constex
 
 @triton.jit
 def _load_words(w_rows, c, rb_mask, sb, sb1, u, EVICT: tl.constexpr):
-    """The step's weight words ``[R, 128 U]`` (zeros past the split or the last row block)."""
-    return tl.load(w_rows + sb * 128 + c[None, :], mask=rb_mask[:, None] & (sb + u < sb1)[None, :], other=0,
-                   eviction_policy=EVICT)  # fmt: skip
+    """The step's weight words ``[R KS, 128 U]`` (zeros past the split or the last row block)."""
+    return tl.load(w_rows + sb[:, None] * 128 + c[None, :], mask=rb_mask[:, None] & (sb[:, None] + u[None, :] < sb1),
+                   other=0, eviction_policy=EVICT)  # fmt: skip
+
+
+@triton.jit
+def _out_index(rb, M, N, NB, cb):
+    """Output element (n, m) of each of a row-block tile's fragment slots ``[R, 128]`` (slot 4 lane + i holds
+    D[i] of that lane's mma: rows 16 rb + lane // 4 (+ 8 for i >= 2), x row 8 cb + 2 (lane % 4) + i % 2),
+    and the mask of the ones inside the output."""
+    ci = tl.arange(0, 128)
+    li = ci // 4
+    i = ci % 4
+    n = rb[:, None] * 16 + (li // 4)[None, :] + (8 * (i // 2))[None, :]
+    m = (8 * cb + 2 * (li % 4) + i % 2)[None, :]
+    return m * N + n, (rb < NB)[:, None] & (m < M)
 
 
 @triton.jit
@@ -186,21 +197,17 @@ def _write_out(ws_ptr, out_ptr, tile, M, N, NB, num_splits, R: tl.constexpr, U: 
     order. ws: fp32 [S, tiles, MB, R, 128 U]; element (cb, r, 128 u + 4 lane + i) is D[i] of that lane's
     mma for column block cb (rows 8 cb.. of x) and row block r."""
     ci = tl.arange(0, 128)
-    li = ci // 4
-    i = ci % 4
     rb = tile * R + tl.arange(0, R)
-    n = rb[:, None] * 16 + (li // 4)[None, :] + (8 * (i // 2))[None, :]
     tiles = tl.num_programs(0)
     for cb in tl.static_range(MB):
-        m = (8 * cb + 2 * (li % 4) + i % 2)[None, :]
-        mask = (rb < NB)[:, None] & (m < M)
+        offs, mask = _out_index(rb, M, N, NB, cb)
         y = tl.zeros([R, 128], dtype=tl.float32)
         for s in range(num_splits):
             base = ws_ptr + (((s * tiles + tile) * MB + cb) * R) * (128 * U)
             for uu in tl.static_range(U):
                 y += tl.load(base + tl.arange(0, R)[:, None] * (128 * U) + uu * 128 + ci[None, :], mask=mask,
                              other=0.0, cache_modifier=".cg")  # fmt: skip
-        tl.store(out_ptr + m * N + n, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # fmt: off
@@ -218,19 +225,24 @@ def _mma_kernel(
     ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
     DEPTH: tl.constexpr = 1,  # steps of weight words in flight ahead of the one computing (1 or 2)
     EVICT: tl.constexpr = "",  # eviction policy of the weight stream ("" or "evict_first")
-    PREFETCH: tl.constexpr = 0,  # > 0: L2 prefetch of the words this many steps ahead (no registers held)
     MB: tl.constexpr = 1,  # column blocks of B: rows 8 cb .. 8 cb + 7 of x, M <= 8 MB
     PDL: tl.constexpr = False,  # launched as a programmatic dependent launch (sm_90+): see the wait below
+    KS: tl.constexpr = 1,  # slices of the program's superblocks, one a tile row: summed in the program at the end
+    DIRECT: tl.constexpr = False,  # one split: the program writes its outputs (no workspace, no counters)
 ):
 # fmt: on
-    # Every tensor of the main loop is [R, 128 U] and reaches memory only through loads and stores contiguous
+    # Every tensor of the main loop is [R KS, 128 U] and reaches memory only through loads and stores contiguous
     # along its last axis, so the compiler gives the loop one layout: 4 consecutive elements a thread, 32
-    # threads along that axis. The PTX relies on it (lane L holds elements 4L..4L+3 of each 128).
+    # threads along that axis. The PTX relies on it (lane L holds elements 4L..4L+3 of each 128). Tile row
+    # a = KS r + s is row block r of the program, over slice s of its superblocks (per_ks = sb_per_split / KS
+    # of them: the host makes sb_per_split a multiple of KS U); the slices' sums meet in the program, which
+    # costs less than a split across programs (no workspace round trip, no arrival counter).
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     SB = K // 64
     NB = N // 16
-    rb = pid_n * R + tl.arange(0, R)  # 16-row blocks
+    a = tl.arange(0, R * KS)
+    rb = pid_n * R + a // KS  # 16-row blocks
     rb_mask = rb < NB
     c = tl.arange(0, 128 * U)  # (u, lane, j): word j of the lane's four in superblock u of the step
     u = c // 128
@@ -239,26 +251,26 @@ def _mma_kernel(
     t = lane % 4
     accs = ()
     for cb in tl.static_range(MB):
-        accs = accs + (tl.zeros([R, 128 * U], dtype=tl.float32),)
-    sb0 = pid_k * sb_per_split
-    sb1 = tl.minimum(sb0 + sb_per_split, SB)
+        accs = accs + (tl.zeros([R * KS, 128 * U], dtype=tl.float32),)
+    per_ks = sb_per_split // KS
+    sb1 = tl.minimum((pid_k + 1) * sb_per_split, SB)
+    sb = pid_k * sb_per_split + (a % KS) * per_ks  # each tile row's next superblock
     w_rows = qw_ptr + rb.to(tl.int64)[:, None] * row_words
-    w_safe = qw_ptr + tl.minimum(rb, NB - 1).to(tl.int64)[:, None] * row_words  # PREFETCH's rows, in bounds
     x_row = (x_ptr + g * sxm + t * 16).to(tl.int64, bitcast=True)
     x_step = sxm.to(tl.int64) * 16  # bytes between rows g and g + 8
     x_dead = g - M  # >= 0: B's column is past M (zeros)
     z_rows = (sz_ptr + (tl.minimum(rb, NB - 1)[:, None] * G * 8 + g[None, :]) * 2).to(tl.int64, bitcast=True)
-    qw = _load_words(w_rows, c, rb_mask, sb0, sb1, u, EVICT)
+    qw = _load_words(w_rows, c, rb_mask, sb, sb1, u, EVICT)
     if DEPTH == 2:  # the step after the first, in flight too
-        qw_later = _load_words(w_rows, c, rb_mask, sb0 + U, sb1, u, EVICT)
+        qw_later = _load_words(w_rows, c, rb_mask, sb + U, sb1, u, EVICT)
     if PDL:
         # The previous kernel may still run: the weights and scales are read-only, so their first loads are
         # issued above; x, the workspace, the output and the shared arrival counters are touched only after
         # this wait; x is read with coherent loads, which the compiler keeps below it (it moves .nc loads above).
         tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.b32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
                                   pack=1)  # fmt: skip
-    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb0, sb1, u, K, GROUP, MB, PDL)
-    for sb in range(sb0, sb1, U):
+    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, PDL)
+    for _ in range(0, per_ks, U):
         nxt = sb + U  # the next step's loads are in flight while this step computes
         if DEPTH == 2:
             qw_next = qw_later
@@ -266,26 +278,33 @@ def _mma_kernel(
         else:
             qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
         xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL)
-        if PREFETCH > 0:  # one prefetch a 128-byte line (4 a superblock), clamped into this program's words
-            line = tl.arange(0, 4 * U)
-            ahead = tl.minimum(sb + PREFETCH * U + line // 4, sb1 - 1)
-            pa = (w_safe + ahead[None, :] * 128 + (line % 4 * 32)[None, :]).to(tl.int64, bitcast=True)
-            tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l", [pa], dtype=tl.int32, is_pure=False, pack=1)
         accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
         qw, xvs, zv = qw_next, xvs_next, zv_next
-    tiles = tl.num_programs(0)
-    # only the accumulators of x's M rows (D[i] of lane 4g + t in column block cb is row 8 cb + 2t + i % 2): at
-    # M = 1 an eighth of the tile, which matters when split-K partials are a fair part of a small layer's traffic
-    for cb in tl.static_range(MB):
-        ws_tile = ws_ptr + (((pid_k * tiles + pid_n) * MB + cb) * R) * (128 * U)
-        live = 8 * cb + 2 * t + c % 2 < M
-        tl.store(ws_tile + tl.arange(0, R)[:, None] * (128 * U) + c[None, :], accs[cb], mask=live[None, :])
-    if SERIAL:
-        tl.debug_barrier()  # every thread's partial stored before the counter moves
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == num_splits - 1:
-            _write_out(ws_ptr, out_ptr, pid_n, M, N, NB, num_splits, R, U, MB)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        sb = nxt
+    if DIRECT:  # the slices' and unroll slots' sums, then the outputs straight from them
+        rbo = pid_n * R + tl.arange(0, R)
+        for cb in tl.static_range(MB):
+            y = tl.sum(tl.reshape(accs[cb], (R, KS * U, 128)), axis=1)  # tile row KS r + s, slot 128 u + j
+            offs, mask = _out_index(rbo, M, N, NB, cb)
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tiles = tl.num_programs(0)
+        # only the accumulators of x's M rows (D[i] of lane 4g + t in column block cb is row 8 cb + 2t + i % 2):
+        # at M = 1 an eighth of the tile, which matters when split-K partials are a fair part of a small layer's
+        # traffic
+        for cb in tl.static_range(MB):
+            acc = accs[cb]
+            if KS > 1:
+                acc = tl.sum(tl.reshape(acc, (R, KS, 128 * U)), axis=1)
+            ws_tile = ws_ptr + (((pid_k * tiles + pid_n) * MB + cb) * R) * (128 * U)
+            live = 8 * cb + 2 * t + c % 2 < M
+            tl.store(ws_tile + tl.arange(0, R)[:, None] * (128 * U) + c[None, :], acc, mask=live[None, :])
+        if SERIAL:
+            tl.debug_barrier()  # every thread's partial stored before the counter moves
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == num_splits - 1:
+                _write_out(ws_ptr, out_ptr, pid_n, M, N, NB, num_splits, R, U, MB)
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 @triton.jit(do_not_specialize=["M", "num_splits"])
@@ -294,17 +313,29 @@ def _mma_out_kernel(ws_ptr, out_ptr, M, N, num_splits, R: tl.constexpr, U: tl.co
 
 
 MAX_M = 64  # eight column blocks of B, 8 rows of x each
-# The layers send steps of up to this many rows here (``FRAMEWORK_INT4_MMA_MAX_M``, at most MAX_M). 8, one
-# column block, is what was timed on a GPU; more rows (more mma per dequantized word, more registers) are
-# correct on the emulator and wait for their timing against the tiled kernel.
-LAYER_MAX_M = min(MAX_M, int(os.environ.get("FRAMEWORK_INT4_MMA_MAX_M", "8")))
-# mma_matmul's keyword arguments by (N, K); split-K fills about four waves of programs. One 16-row block a
-# warp and two superblocks a step was the fastest config at all four Llama-3-8B shapes at M = 1 on an H200
-# (benchmarks/check_int4_mma.py, docs/benchmarks.md), so the table holds no exceptions yet. ``depth``,
-# ``evict`` and ``prefetch`` (weight words two steps ahead in registers; an evict-first weight stream; L2
-# prefetches some steps ahead) are not yet timed on a GPU: ``check_int4_mma.py --extended`` sweeps them.
-TUNED: dict[tuple[int, int], dict] = {}
-DEFAULT = {"rows": 4, "unroll": 2, "num_warps": 4}
+# The layers send steps of up to this many rows here (``FRAMEWORK_INT4_MMA_MAX_M``, at most MAX_M). 16 (two
+# column blocks) was measured on an H200 (docs/benchmarks.md): Llama-3-8B GPTQ decode at batch 16 took 3.77 ms
+# a step with it against 5.58 ms with the tiled kernel above 8 rows, while 64 rows here lost to the tiled
+# kernel (8.44 against 6.98 ms at batch 64); 17..32 rows (four column blocks) are not timed yet.
+LAYER_MAX_M = min(MAX_M, int(os.environ.get("FRAMEWORK_INT4_MMA_MAX_M", "16")))
+# mma_matmul's keyword arguments by (N, K) for steps of up to 8 rows, and by (N, K, 16) for more (one column
+# block of B or several): the fastest of check_int4_mma.py --quick at M = 1 and M = 16 on an H200 for the
+# Llama-3-8B shapes (docs/benchmarks.md). At every shape one split won: each program sums its slices itself and
+# writes its outputs, with no workspace or arrival counter. ``depth`` and ``evict`` (weight words two steps
+# ahead in registers; an evict-first weight stream) won at no shape (``--extended``); neither did L2
+# prefetches some steps ahead (since removed).
+_ONE = {"split": 1}
+TUNED: dict[tuple[int, ...], dict] = {
+    (6144, 4096): {"rows": 1, "kslices": 4, "unroll": 4, "num_warps": 4, **_ONE},
+    (4096, 4096): {"rows": 1, "kslices": 4, "unroll": 4, "num_warps": 4, **_ONE},
+    (28672, 4096): {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4, **_ONE},
+    (4096, 14336): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 8, **_ONE},
+    (6144, 4096, 16): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
+    (4096, 4096, 16): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
+    (28672, 4096, 16): {"rows": 1, "kslices": 2, "unroll": 1, "num_warps": 2, **_ONE},
+    (4096, 14336, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 8, **_ONE},
+}
+DEFAULT = {"rows": 4, "unroll": 2, "num_warps": 4}  # other shapes: split-K across programs, the launcher's split
 # FRAMEWORK_INT4_MMA_PDL=1: launch as a programmatic dependent launch on sm_90+, so that a kernel's weight
 # loads start while the kernel before it finishes (also inside CUDA graphs). Not yet timed: off by default.
 PDL = os.environ.get("FRAMEWORK_INT4_MMA_PDL", "0") == "1"
@@ -316,7 +347,8 @@ def aligned(x: torch.Tensor) -> bool:
 
 
 def _tuned() -> dict:
-    """TUNED, overridden by ``FRAMEWORK_INT4_MMA_TUNED`` (JSON ``{"NxK": {"rows": 4, ...}}``: for sweeps)."""
+    """TUNED, overridden by ``FRAMEWORK_INT4_MMA_TUNED`` (JSON ``{"NxK": {"rows": 4, ...}, "NxKx16": {...}}``:
+    for sweeps; a shape the JSON leaves out takes DEFAULT)."""
     return _parse_tuned(os.environ.get("FRAMEWORK_INT4_MMA_TUNED", ""))
 
 
@@ -329,7 +361,8 @@ def _parse_tuned(env: str) -> dict:
 
 def matmul(x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int) -> torch.Tensor:
     """``mma_matmul`` with the measured config for the shape."""
-    kwargs = dict(_tuned().get((qweight.shape[0] * 16, x.shape[1]), DEFAULT))
+    shape = (qweight.shape[0] * 16, x.shape[1]) + ((16,) if x.shape[0] > 8 else ())
+    kwargs = dict(_tuned().get(shape, DEFAULT))
     if PDL and "pdl" not in kwargs:
         kwargs["pdl"] = _has_pdl(x.device)
     return mma_matmul(x, qweight, szp, group_size, **kwargs)
@@ -351,27 +384,38 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
     scales = (torch.rand(k // group, n, generator=gen) * 0.1 + 0.01).to(dtype)
     zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(dtype)
     qw, szp = repack(q), pack_scales(scales, zeros)
-    for m in sorted({3, LAYER_MAX_M}):  # one column block of B, and as many as the layers use
+    table = _tuned()
+    few = [DEFAULT] + [cfg for key, cfg in table.items() if len(key) == 2]
+    more = [DEFAULT] + [cfg for key, cfg in table.items() if len(key) == 3]
+    # one column block of B, and as many as the layers use; every program shape the table holds for each
+    for m, cfgs in ((3, few), (LAYER_MAX_M, more if LAYER_MAX_M > 8 else few)):
         x = torch.randn(m, k, generator=gen).to(dtype)
-        try:
-            out = matmul(x.to(device), qw.to(device), szp.to(device), group).float().cpu()
-        except Exception as err:  # noqa: BLE001 - an old GPU (no bf16 mma) or a compiler that refuses the PTX
-            logger.warning("int4 tensor-core kernel unusable on %s (%r); int4 decode uses the GEMV", device, err)
-            return False
         ref = reference_matmul(x, qw, szp, group).float()
-        err = ((out - ref).abs().max() / ref.abs().max()).item()
-        if not err < 1e-2:
-            logger.warning("int4 tensor-core kernel failed its self-check on %s (M=%d, relative error %.3g)", device, m, err)
-            return False
+        for cfg in {json.dumps(c, sort_keys=True): c for c in cfgs}.values():
+            try:
+                out = mma_matmul(x.to(device), qw.to(device), szp.to(device), group, **cfg).float().cpu()
+            except Exception as err:  # noqa: BLE001 - an old GPU (no bf16 mma) or a compiler that refuses the PTX
+                logger.warning("int4 tensor-core kernel unusable on %s (%r); int4 decode uses the GEMV", device, err)
+                return False
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            if not err < 1e-2:
+                logger.warning("int4 tensor-core kernel failed its self-check on %s (M=%d, %s, relative error %.3g)",
+                               device, m, cfg, err)  # fmt: skip
+                return False
     return True
 
 
 def mma_matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
-    prefetch: int = 0, pdl: bool = False,
+    pdl: bool = False, kslices: int = 1,
 ) -> torch.Tensor:  # fmt: skip
-    """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only)."""
+    """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
+
+    A program takes ``rows`` 16-row blocks over ``kslices`` slices of its superblocks (``rows * kslices`` tile
+    rows, a power of two; best with one a warp), ``unroll`` superblocks a step; ``split`` programs share each
+    tile's superblocks (0: enough for about four programs a multiprocessor) and sum through a workspace, or,
+    with one split, the program writes the output itself."""
     M, K = x.shape
     nb = qweight.shape[0]
     N = nb * 16
@@ -381,22 +425,24 @@ def mma_matmul(
         )
     sbs = K // 64
     tiles = triton.cdiv(nb, rows)
+    step = unroll * kslices  # superblocks a split holds a multiple of
     if split <= 0:
-        split = max(1, min(sbs // unroll, triton.cdiv(4 * num_sms(x.device), tiles)))
-    per = triton.cdiv(triton.cdiv(sbs, split), unroll) * unroll
+        split = max(1, min(sbs // step, triton.cdiv(4 * num_sms(x.device), tiles)))
+    per = triton.cdiv(triton.cdiv(sbs, split), step) * step
     splits = triton.cdiv(sbs, per)
     mb = 1 << (triton.cdiv(max(M, 1), 8) - 1).bit_length()  # 1, 2, 4 or 8 column blocks of B (zeros past M)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    ws = torch.empty((splits, tiles, mb, rows, 128 * unroll), dtype=torch.float32, device=x.device)
-    cnt = arrival_counters(x.device, tiles)
+    direct = splits == 1
+    ws = out if direct else torch.empty((splits, tiles, mb, rows, 128 * unroll), dtype=torch.float32, device=x.device)
+    cnt = None if direct else arrival_counters(x.device, tiles)
     asm, constraints = _asm(x.dtype == torch.bfloat16, mb)
     _mma_kernel[(tiles, splits)](
         x, qweight, szp, out, ws, cnt if cnt is not None else ws,
         M, N, K, x.stride(0), szp.shape[1], per, splits, 2 * K,
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
-        DEPTH=depth, EVICT=evict, PREFETCH=prefetch, MB=mb, PDL=pdl, launch_pdl=pdl,
+        DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, launch_pdl=pdl,
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
-    if cnt is None:
+    if cnt is None and not direct:
         _mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, MB=mb, num_warps=4)
     return out
