@@ -111,7 +111,7 @@ def configs(mode: str):
         yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks), wave
 
 
-def sweep(bw: float, mode: str, reps: int) -> list[dict]:
+def sweep(bw: float, mode: str, reps: int, ms: tuple = ()) -> list[dict]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     out = []
@@ -125,7 +125,7 @@ def sweep(bw: float, mode: str, reps: int) -> list[dict]:
         old_q = pack_rows(q, 4)
         olds = [old_q.clone() for _ in range(copies)]
         w16 = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(max(2, math.ceil(3 * l2 / (n * k * 2))))]
-        for m in {"full": (1, 8, 16, 64), "quick": (1, 16)}.get(mode, (1,)):
+        for m in ms or {"full": (1, 8, 16, 64), "quick": (1, 16)}.get(mode, (1,)):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             row = {"shape": name, "n": n, "k": k, "m": m, "int4_bytes": nbytes_int4, "bf16_bytes": n * k * 2}
             row["old_int4_us"] = graph_time_us([lambda w=w: triton_int4.int4_matmul(x, w, s, z, group) for w in olds], reps)
@@ -171,6 +171,7 @@ T0 = time.time()
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--m", type=int, nargs="*", default=[], help="the rows of x to time (default: the mode's)")
     ap.add_argument("--quick", action="store_true", help="fewer configs, M = 1 and 16")
     ap.add_argument("--extended", action="store_true", help="prefetch depth, eviction policy, PDL on a few program shapes (M = 1)")
     ap.add_argument("--reps", type=int, default=20)
@@ -192,11 +193,11 @@ def main() -> int:
         print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
         result["copy_gbps"] = bw / 1e9
         mode = "extended" if args.extended else "quick" if args.quick else "full"
-        result["sweep"] = sweep(bw, mode, args.reps)
+        result["sweep"] = sweep(bw, mode, args.reps, tuple(args.m))
         # the split is left to the launcher, but for one split (no workspace: a different program)
-        tuned = {f"{r['n']}x{r['k']}" + ("x16" if r["m"] > 8 else ""): {k: v for k, v in r["best"].items()
-                                                                     if k != "split" or v == 1}
-                 for r in result["sweep"] if r["m"] in (1, 16) and r["best"]}  # fmt: skip
+        tuned = {"x".join(map(str, (r["n"], r["k"]) + int4_mma._band(r["m"]))):
+                 {k: v for k, v in r["best"].items() if k != "split" or v == 1}
+                 for r in result["sweep"] if r["m"] in (1, 16, 32, 64) and r["best"]}  # fmt: skip
         result["tuned_env"] = json.dumps(tuned)
         print(f"FRAMEWORK_INT4_MMA_TUNED='{result['tuned_env']}'", flush=True)
     if args.out:

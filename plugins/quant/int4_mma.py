@@ -313,13 +313,13 @@ def _mma_out_kernel(ws_ptr, out_ptr, M, N, num_splits, R: tl.constexpr, U: tl.co
 
 
 MAX_M = 64  # eight column blocks of B, 8 rows of x each
-# The layers send steps of up to this many rows here (``FRAMEWORK_INT4_MMA_MAX_M``, at most MAX_M). 16 (two
-# column blocks) was measured on an H200 (docs/benchmarks.md): Llama-3-8B GPTQ decode at batch 16 took 3.77 ms
-# a step with it against 5.58 ms with the tiled kernel above 8 rows, while 64 rows here lost to the tiled
-# kernel (8.44 against 6.98 ms at batch 64); 17..32 rows (four column blocks) are not timed yet.
-LAYER_MAX_M = min(MAX_M, int(os.environ.get("FRAMEWORK_INT4_MMA_MAX_M", "16")))
-# mma_matmul's keyword arguments by (N, K) for steps of up to 8 rows, and by (N, K, 16) for more (one column
-# block of B or several): the fastest of check_int4_mma.py --quick at M = 1 and M = 16 on an H200 for the
+# The layers send steps of up to this many rows here (``FRAMEWORK_INT4_MMA_MAX_M``, at most MAX_M). 32 (four
+# column blocks) is where the kernel still beat the tiled one at every Llama-3-8B shape on an H200
+# (docs/benchmarks.md: e.g. gate_up 42.4 against 75.8 us at 32 rows); at 64 rows the tiled kernel won at every
+# shape (gate_up 84.4 against 90.3 us), and batch-64 decode was slower with 64 here (7.41 against 7.00 ms).
+LAYER_MAX_M = min(MAX_M, int(os.environ.get("FRAMEWORK_INT4_MMA_MAX_M", "32")))
+# mma_matmul's keyword arguments by (N, K) for steps of up to 8 rows (one column block of B), and by (N, K, 16)
+# for 9..16 rows (``_band``: 32 and 64 for more): the fastest of check_int4_mma.py --quick at M = 1 and M = 16 on an H200 for the
 # Llama-3-8B shapes (docs/benchmarks.md). At every shape one split won: each program sums its slices itself and
 # writes its outputs, with no workspace or arrival counter. ``depth`` and ``evict`` (weight words two steps
 # ahead in registers; an evict-first weight stream) won at no shape (``--extended``); neither did L2
@@ -334,6 +334,10 @@ TUNED: dict[tuple[int, ...], dict] = {
     (4096, 4096, 16): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
     (28672, 4096, 16): {"rows": 1, "kslices": 2, "unroll": 1, "num_warps": 2, **_ONE},
     (4096, 14336, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 8, **_ONE},
+    (6144, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 1, "num_warps": 4, **_ONE},
+    (4096, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
+    (28672, 4096, 32): {"rows": 4, "kslices": 1, "unroll": 2, "num_warps": 4, **_ONE},
+    (4096, 14336, 32): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
 }
 DEFAULT = {"rows": 4, "unroll": 2, "num_warps": 4}  # other shapes: split-K across programs, the launcher's split
 # FRAMEWORK_INT4_MMA_PDL=1: launch as a programmatic dependent launch on sm_90+, so that a kernel's weight
@@ -347,8 +351,8 @@ def aligned(x: torch.Tensor) -> bool:
 
 
 def _tuned() -> dict:
-    """TUNED, overridden by ``FRAMEWORK_INT4_MMA_TUNED`` (JSON ``{"NxK": {"rows": 4, ...}, "NxKx16": {...}}``:
-    for sweeps; a shape the JSON leaves out takes DEFAULT)."""
+    """TUNED, overridden by ``FRAMEWORK_INT4_MMA_TUNED`` (JSON ``{"NxK": {"rows": 4, ...}, "NxKx16": {...}}``,
+    ``x32`` and ``x64`` for those bands: for sweeps; a shape the JSON leaves out takes DEFAULT)."""
     return _parse_tuned(os.environ.get("FRAMEWORK_INT4_MMA_TUNED", ""))
 
 
@@ -359,10 +363,14 @@ def _parse_tuned(env: str) -> dict:
     return {tuple(int(v) for v in key.split("x")): dict(cfg) for key, cfg in json.loads(env).items()}
 
 
+def _band(m: int) -> tuple[int, ...]:
+    """The TUNED key's row band: () for 1..8 rows, (16,), (32,) or (64,) for up to that many."""
+    return () if m <= 8 else (16,) if m <= 16 else (32,) if m <= 32 else (64,)
+
+
 def matmul(x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int) -> torch.Tensor:
     """``mma_matmul`` with the measured config for the shape."""
-    shape = (qweight.shape[0] * 16, x.shape[1]) + ((16,) if x.shape[0] > 8 else ())
-    kwargs = dict(_tuned().get(shape, DEFAULT))
+    kwargs = dict(_tuned().get((qweight.shape[0] * 16, x.shape[1]) + _band(x.shape[0]), DEFAULT))
     if PDL and "pdl" not in kwargs:
         kwargs["pdl"] = _has_pdl(x.device)
     return mma_matmul(x, qweight, szp, group_size, **kwargs)
@@ -386,7 +394,7 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
     qw, szp = repack(q), pack_scales(scales, zeros)
     table = _tuned()
     few = [DEFAULT] + [cfg for key, cfg in table.items() if len(key) == 2]
-    more = [DEFAULT] + [cfg for key, cfg in table.items() if len(key) == 3]
+    more = [DEFAULT] + [cfg for key, cfg in table.items() if key[2:] == _band(LAYER_MAX_M)]
     # one column block of B, and as many as the layers use; every program shape the table holds for each
     for m, cfgs in ((3, few), (LAYER_MAX_M, more if LAYER_MAX_M > 8 else few)):
         x = torch.randn(m, k, generator=gen).to(dtype)
