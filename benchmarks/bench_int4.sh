@@ -8,11 +8,9 @@
 #   kernel    benchmarks/check_int4_mma.py --quick: correctness (M = 1..64) and the M = 1 sweep;
 #             prints the FRAMEWORK_INT4_MMA_TUNED line of the best configs
 #   extended  the same with --extended: prefetch depth, L2 prefetch, eviction policy, program sizes
-#   latency   framework bench latency at batch 1, 16, 64, 256 (prompt 128, output 128): bf16, GPTQ as
-#             configured by default, GPTQ with the kernel up to 64 rows (FRAMEWORK_INT4_MMA_MAX_M=64),
-#             GPTQ with one copy of the codes (FRAMEWORK_INT4_SINGLE_COPY=1), and GPTQ launched as
-#             programmatic dependent launches (FRAMEWORK_INT4_MMA_PDL=1); each with the tuned
-#             configs of the kernel phase when it ran (TUNED=0 in the environment: without them)
+#   latency   framework bench latency at batch 1, 16, 64, 256 (prompt 128, output 128): bf16, GPTQ and AWQ as
+#             configured by default; with the tuned configs of the kernel phase when it ran (TUNED=0 in the
+#             environment: without them); about 40 s each (fits one device call with the other phases)
 #   roofline  benchmarks/roofline.py: copy bandwidth for the floors
 set -u
 OUT=${1:?usage: bench_int4.sh OUT_DIR [PHASE ...]}
@@ -58,9 +56,7 @@ for p in $PHASES; do
         fi
         latency bf16 --
         latency gptq "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" -- --quantization gptq
-        latency gptq_m64 "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_INT4_MMA_MAX_M=64 -- --quantization gptq
-        latency gptq_single "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_INT4_SINGLE_COPY=1 -- --quantization gptq
-        latency gptq_pdl "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_INT4_MMA_PDL=1 -- --quantization gptq
+        latency awq "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" -- --quantization awq
         ;;
     roofline) phase roofline 60 python3 benchmarks/roofline.py --shape llama3-8b --workload w1 --max-num-seqs 256 ;;
     *) echo "unknown phase $p" ;;

@@ -6,8 +6,8 @@
    layout against the original codes (``unpack(repack(q)) == q``).
 2. Timing at the Llama-3-8B linear shapes, in CUDA graphs over enough weight
    copies that L2 never holds the next one (as a decode step runs them):
-   the sweep of (rows, unroll, warps, split, ...) configs at M = 1 (full: also
-   8, 16 and 64), against the other int4 kernels (``triton_int4.int4_matmul``
+   the sweep of (rows, slices, unroll, warps, split, ...) configs at M = 1
+   (--quick: and 16; full: 1, 8, 16 and 64; --m: the rows given), against the other int4 kernels (``triton_int4.int4_matmul``
    on their layout, tuned table: the GEMV at M = 1, tiled above) and bf16
    (``triton_gemv.gemv``, our decode GEMV, up to 8 rows, and ``F.linear``),
    with each figure's bytes and GB/s against a device-to-device copy.

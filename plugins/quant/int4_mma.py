@@ -341,7 +341,9 @@ TUNED: dict[tuple[int, ...], dict] = {
 }
 DEFAULT = {"rows": 4, "unroll": 2, "num_warps": 4}  # other shapes: split-K across programs, the launcher's split
 # FRAMEWORK_INT4_MMA_PDL=1: launch as a programmatic dependent launch on sm_90+, so that a kernel's weight
-# loads start while the kernel before it finishes (also inside CUDA graphs). Not yet timed: off by default.
+# loads start while the kernel before it finishes (also inside CUDA graphs). Off by default: alone (the kernels
+# before it do not trigger their dependents early) it made batch-1 decode slower on an H200 (2.76 against
+# 2.68 ms), though the kernel by itself was up to 0.8 us faster.
 PDL = os.environ.get("FRAMEWORK_INT4_MMA_PDL", "0") == "1"
 
 
@@ -352,7 +354,7 @@ def aligned(x: torch.Tensor) -> bool:
 
 def _tuned() -> dict:
     """TUNED, overridden by ``FRAMEWORK_INT4_MMA_TUNED`` (JSON ``{"NxK": {"rows": 4, ...}, "NxKx16": {...}}``,
-    ``x32`` and ``x64`` for those bands: for sweeps; a shape the JSON leaves out takes DEFAULT)."""
+    ``x32`` and ``x64`` for those bands: for sweeps; the keys it gives replace TUNED's, the others stay)."""
     return _parse_tuned(os.environ.get("FRAMEWORK_INT4_MMA_TUNED", ""))
 
 
@@ -360,7 +362,7 @@ def _tuned() -> dict:
 def _parse_tuned(env: str) -> dict:
     if not env:
         return TUNED
-    return {tuple(int(v) for v in key.split("x")): dict(cfg) for key, cfg in json.loads(env).items()}
+    return {**TUNED, **{tuple(int(v) for v in key.split("x")): dict(cfg) for key, cfg in json.loads(env).items()}}
 
 
 def _band(m: int) -> tuple[int, ...]:

@@ -11,6 +11,8 @@ on a GPU (and by ``int4_mma.usable`` at load time).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -256,7 +258,10 @@ def test_tuned_configs_from_the_environment(monkeypatch):
     monkeypatch.delenv("FRAMEWORK_INT4_MMA_TUNED", raising=False)
     assert int4_mma._tuned() == int4_mma.TUNED
     monkeypatch.setenv("FRAMEWORK_INT4_MMA_TUNED", '{"6144x4096": {"rows": 8, "unroll": 1, "num_warps": 8, "pdl": true}}')
-    assert int4_mma._tuned() == {(6144, 4096): {"rows": 8, "unroll": 1, "num_warps": 8, "pdl": True}}
+    tuned = int4_mma._tuned()  # the keys given replace the table's; the others stay
+    assert tuned[(6144, 4096)] == {"rows": 8, "unroll": 1, "num_warps": 8, "pdl": True}
+    assert tuned == {**int4_mma.TUNED, (6144, 4096): tuned[(6144, 4096)]}
+    assert int4_mma.TUNED[(6144, 4096)] != tuned[(6144, 4096)]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -283,3 +288,17 @@ def test_graph_replay_matches_eager(pdl):
     expect = int4_mma.mma_matmul(x, qw1, sz1, 128)
     assert torch.equal(first, expect)
     assert torch.equal(second, int4_mma.mma_matmul(expect, qw2, sz2, 128))
+
+
+def test_matmul_takes_the_config_of_the_row_band(monkeypatch):
+    """1..8 rows take the (N, K) entry, 9..16 / 17..32 / 33..64 the (N, K, band) one, an unknown shape DEFAULT."""
+    seen = []
+    monkeypatch.setattr(int4_mma, "mma_matmul", lambda x, qw, szp, group, **kw: seen.append(kw))
+    monkeypatch.delenv("FRAMEWORK_INT4_MMA_TUNED", raising=False)
+    qw = torch.empty(6144 // 16, 1, dtype=torch.int32)
+    for m, key in ((1, (6144, 4096)), (8, (6144, 4096)), (9, (6144, 4096, 16)), (32, (6144, 4096, 32))):
+        int4_mma.matmul(torch.empty(m, 4096), qw, None, 128)
+        assert seen[-1] == int4_mma.TUNED[key], m
+    int4_mma.matmul(torch.empty(1, 512), qw, None, 128)  # (6144, 512): not in the table
+    assert seen[-1] == int4_mma.DEFAULT
+    assert len({json.dumps(c, sort_keys=True) for c in seen[:4]}) == 3  # the bands hold different programs
