@@ -36,6 +36,7 @@ import triton.language as tl
 
 from framework.ops.split_k import arrival_counters, num_sms
 from plugins.quant.int4_mma_layout import MAGIC_VALUE, pack_scales, reference_matmul, repack
+from plugins.quant.int4_mma_tuned import DEFAULT, TUNED, band as _band, tuned as _tuned  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -318,28 +319,6 @@ MAX_M = 64  # eight column blocks of B, 8 rows of x each
 # (docs/benchmarks.md: e.g. gate_up 42.4 against 75.8 us at 32 rows); at 64 rows the tiled kernel won at every
 # shape (gate_up 84.4 against 90.3 us), and batch-64 decode was slower with 64 here (7.41 against 7.00 ms).
 LAYER_MAX_M = min(MAX_M, int(os.environ.get("FRAMEWORK_INT4_MMA_MAX_M", "32")))
-# mma_matmul's keyword arguments by (N, K) for steps of up to 8 rows (one column block of B), and by (N, K, 16)
-# for 9..16 rows (``_band``: 32 and 64 for more): the fastest of check_int4_mma.py --quick at M = 1 and M = 16 on an H200 for the
-# Llama-3-8B shapes (docs/benchmarks.md). At every shape one split won: each program sums its slices itself and
-# writes its outputs, with no workspace or arrival counter. ``depth`` and ``evict`` (weight words two steps
-# ahead in registers; an evict-first weight stream) won at no shape (``--extended``); neither did L2
-# prefetches some steps ahead (since removed).
-_ONE = {"split": 1}
-TUNED: dict[tuple[int, ...], dict] = {
-    (6144, 4096): {"rows": 1, "kslices": 4, "unroll": 4, "num_warps": 4, **_ONE},
-    (4096, 4096): {"rows": 1, "kslices": 4, "unroll": 4, "num_warps": 4, **_ONE},
-    (28672, 4096): {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4, **_ONE},
-    (4096, 14336): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 8, **_ONE},
-    (6144, 4096, 16): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
-    (4096, 4096, 16): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
-    (28672, 4096, 16): {"rows": 1, "kslices": 2, "unroll": 1, "num_warps": 2, **_ONE},
-    (4096, 14336, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 8, **_ONE},
-    (6144, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 1, "num_warps": 4, **_ONE},
-    (4096, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
-    (28672, 4096, 32): {"rows": 4, "kslices": 1, "unroll": 2, "num_warps": 4, **_ONE},
-    (4096, 14336, 32): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
-}
-DEFAULT = {"rows": 4, "unroll": 2, "num_warps": 4}  # other shapes: split-K across programs, the launcher's split
 # FRAMEWORK_INT4_MMA_PDL=1: launch as a programmatic dependent launch on sm_90+, so that a kernel's weight
 # loads start while the kernel before it finishes (also inside CUDA graphs). Off by default: alone (the kernels
 # before it do not trigger their dependents early) it made batch-1 decode slower on an H200 (2.76 against
@@ -350,24 +329,6 @@ PDL = os.environ.get("FRAMEWORK_INT4_MMA_PDL", "0") == "1"
 def aligned(x: torch.Tensor) -> bool:
     """Whether ``x`` [M, K] can be read by the kernel: unit last stride, 32-byte aligned rows."""
     return x.stride(1) == 1 and x.stride(0) % 16 == 0 and x.data_ptr() % 32 == 0
-
-
-def _tuned() -> dict:
-    """TUNED, overridden by ``FRAMEWORK_INT4_MMA_TUNED`` (JSON ``{"NxK": {"rows": 4, ...}, "NxKx16": {...}}``,
-    ``x32`` and ``x64`` for those bands: for sweeps; the keys it gives replace TUNED's, the others stay)."""
-    return _parse_tuned(os.environ.get("FRAMEWORK_INT4_MMA_TUNED", ""))
-
-
-@functools.lru_cache(maxsize=4)
-def _parse_tuned(env: str) -> dict:
-    if not env:
-        return TUNED
-    return {**TUNED, **{tuple(int(v) for v in key.split("x")): dict(cfg) for key, cfg in json.loads(env).items()}}
-
-
-def _band(m: int) -> tuple[int, ...]:
-    """The TUNED key's row band: () for 1..8 rows, (16,), (32,) or (64,) for up to that many."""
-    return () if m <= 8 else (16,) if m <= 16 else (32,) if m <= 32 else (64,)
 
 
 def matmul(x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int) -> torch.Tensor:

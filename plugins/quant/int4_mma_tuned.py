@@ -1,0 +1,49 @@
+"""The program shapes of the int4 tensor-core kernel (``plugins.quant.int4_mma.mma_matmul``'s keyword
+arguments) by layer shape and row band, as measured, and their override from the environment for sweeps."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+# mma_matmul's keyword arguments by (N, K) for steps of up to 8 rows (one column block of B), and by (N, K, 16)
+# for 9..16 rows (``band``: 32 and 64 for more): the fastest of check_int4_mma.py --quick (M = 1 and 16) and
+# --m 32 on an H200 for the Llama-3-8B shapes (docs/benchmarks.md). At every shape one split won: each program
+# sums its slices itself and writes its outputs, with no workspace or arrival counter. ``depth`` and ``evict``
+# (weight words two steps ahead in registers; an evict-first weight stream) won at no shape (``--extended``);
+# neither did L2 prefetches some steps ahead (since removed).
+_ONE = {"split": 1}
+TUNED: dict[tuple[int, ...], dict] = {
+    (6144, 4096): {"rows": 1, "kslices": 4, "unroll": 4, "num_warps": 4, **_ONE},
+    (4096, 4096): {"rows": 1, "kslices": 4, "unroll": 4, "num_warps": 4, **_ONE},
+    (28672, 4096): {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4, **_ONE},
+    (4096, 14336): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 8, **_ONE},
+    (6144, 4096, 16): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
+    (4096, 4096, 16): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
+    (28672, 4096, 16): {"rows": 1, "kslices": 2, "unroll": 1, "num_warps": 2, **_ONE},
+    (4096, 14336, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 8, **_ONE},
+    (6144, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 1, "num_warps": 4, **_ONE},
+    (4096, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
+    (28672, 4096, 32): {"rows": 4, "kslices": 1, "unroll": 2, "num_warps": 4, **_ONE},
+    (4096, 14336, 32): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
+}
+DEFAULT = {"rows": 4, "unroll": 2, "num_warps": 4}  # other shapes: split-K across programs, the launcher's split
+
+
+def tuned() -> dict:
+    """TUNED, overridden by ``FRAMEWORK_INT4_MMA_TUNED`` (JSON ``{"NxK": {"rows": 4, ...}, "NxKx16": {...}}``,
+    ``x32`` and ``x64`` for those bands: for sweeps; the keys it gives replace TUNED's, the others stay)."""
+    return _parse(os.environ.get("FRAMEWORK_INT4_MMA_TUNED", ""))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(env: str) -> dict:
+    if not env:
+        return TUNED
+    return {**TUNED, **{tuple(int(v) for v in key.split("x")): dict(cfg) for key, cfg in json.loads(env).items()}}
+
+
+def band(m: int) -> tuple[int, ...]:
+    """The TUNED key's row band: () for 1..8 rows, (16,), (32,) or (64,) for up to that many."""
+    return () if m <= 8 else (16,) if m <= 16 else (32,) if m <= 32 else (64,)
