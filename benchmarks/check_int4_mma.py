@@ -38,6 +38,7 @@ from benchmarks.check_gemv import copy_bandwidth, graph_time_us  # noqa: E402
 from framework.ops import triton_gemv  # noqa: E402
 from plugins.quant import int4_mma, triton_int4  # noqa: E402
 from plugins.quant import int4_mma_layout as layout  # noqa: E402
+from plugins.quant.int4_mma_tuned import CHECKED  # noqa: E402
 from plugins.quant.int4_common import pack_rows  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -54,6 +55,8 @@ def make_layer(n: int, k: int, group: int, dtype: torch.dtype, seed: int = 0):
 
 def correctness(failures: list) -> list[dict]:
     rows = []
+    pdl = torch.cuda.get_device_capability()[0] >= 9
+    checked = [kw for kw in CHECKED + list(int4_mma.TUNED.values()) if pdl or not kw.get("pdl")]
     cases = [
         (64, 128, 64), (48, 256, 128), (160, 512, 128), (80, 320, 320), (4096, 4096, 128), (1024, 14336, 128),
     ]
@@ -67,7 +70,7 @@ def correctness(failures: list) -> list[dict]:
         for m in (1, 2, 3, 5, 8, 9, 16, 33, 64):
             x = torch.randn(m, k, device=DEV, dtype=dtype)
             ref = layout.reference_matmul(x, qw, szp, group).float()
-            for kw in CHECKED:
+            for kw in checked:
                 out = int4_mma.mma_matmul(x, qw, szp, group, **kw).float()
                 err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
                 ok = ok_layout and bool(torch.isfinite(out).all()) and err < 2e-2
@@ -79,17 +82,6 @@ def correctness(failures: list) -> list[dict]:
     return rows
 
 
-CHECKED = [  # configs the correctness pass runs (split 0: the launcher's choice; 1: no workspace)
-    dict(rows=4, unroll=1, split=1),
-    dict(rows=8, unroll=2, split=0, num_warps=8),
-    dict(rows=4, unroll=2, split=3),
-    dict(rows=4, unroll=2, split=0, depth=2),
-    dict(rows=1, unroll=1, split=2, num_warps=1, depth=2, evict="evict_first"),
-    dict(rows=1, unroll=2, split=1, num_warps=4, kslices=4),
-    dict(rows=2, unroll=1, split=3, num_warps=4, kslices=2),
-    dict(rows=1, unroll=2, split=0, num_warps=8, kslices=8),
-    dict(rows=4, unroll=2, split=3, pdl=True),  # sm_90+
-]
 
 # program shapes: (16-row blocks, slices of the superblocks) a program, one tile row a warp
 SHAPES_RK = ((4, 1), (2, 1), (8, 1), (1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (1, 8))

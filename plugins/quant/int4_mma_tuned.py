@@ -47,3 +47,20 @@ def _parse(env: str) -> dict:
 def band(m: int) -> tuple[int, ...]:
     """The TUNED key's row band: () for 1..8 rows, (16,), (32,) or (64,) for up to that many."""
     return () if m <= 8 else (16,) if m <= 16 else (32,) if m <= 32 else (64,)
+
+
+# Program shapes every correctness check of the kernel runs (the GPU tests, check_int4_mma.py), besides the
+# table's: DEFAULT, the launcher's split-K (split 0), a given split, one split (no workspace), two steps in flight, an
+# evict-first stream, slices of K with and without a split, and PDL (sm_90+ only).
+CHECKED = [
+    DEFAULT,
+    {"rows": 4, "unroll": 1, "split": 1},
+    {"rows": 8, "unroll": 2, "split": 0, "num_warps": 8},
+    {"rows": 4, "unroll": 2, "split": 3},
+    {"rows": 4, "unroll": 2, "split": 0, "depth": 2},
+    {"rows": 1, "unroll": 1, "split": 2, "num_warps": 1, "depth": 2, "evict": "evict_first"},
+    {"rows": 1, "unroll": 2, "split": 1, "num_warps": 4, "kslices": 4},
+    {"rows": 2, "unroll": 1, "split": 3, "num_warps": 4, "kslices": 2},
+    {"rows": 1, "unroll": 2, "split": 0, "num_warps": 8, "kslices": 8},
+    {"rows": 4, "unroll": 2, "split": 3, "pdl": True},
+]

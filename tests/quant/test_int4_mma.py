@@ -19,6 +19,7 @@ from torch import nn
 
 from plugins.quant import int4_mma
 from plugins.quant import int4_mma_layout as layout
+from plugins.quant.int4_mma_tuned import CHECKED
 from plugins.quant.int4_common import apply_int_weight, dequantize, pack_rows, set_int_layout
 
 CUDA = torch.cuda.is_available()
@@ -133,16 +134,9 @@ def test_kernel_matches_reference(dtype, n, k, group):
     for m in (1, 2, 5, 8, 9, 16, 33, 64):
         x = torch.randn(m, k, device="cuda").to(dtype)
         ref = layout.reference_matmul(x, qw, szp, group).float()
-        for kw in (
-            dict(rows=4, unroll=2, split=0),
-            dict(rows=4, unroll=1, split=1),
-            dict(rows=8, unroll=2, split=3, num_warps=8),
-            dict(rows=2, unroll=2, split=0, num_warps=2, depth=2, evict="evict_first"),
-            dict(rows=1, unroll=2, split=1, num_warps=4, kslices=4),
-            dict(rows=2, unroll=1, split=3, num_warps=4, kslices=2),
-            dict(rows=1, unroll=1, split=0, num_warps=8, kslices=8),
-            *([dict(rows=4, unroll=2, split=2, pdl=True)] if torch.cuda.get_device_capability()[0] >= 9 else []),
-        ):
+        for kw in CHECKED + list(int4_mma.TUNED.values()):
+            if kw.get("pdl") and torch.cuda.get_device_capability()[0] < 9:
+                continue
             out = int4_mma.mma_matmul(x, qw, szp, group, **kw).float()
             err = ((out - ref).abs().max() / ref.abs().max()).item()
             assert err < 1e-2, (m, kw, err)
