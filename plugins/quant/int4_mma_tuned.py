@@ -50,8 +50,8 @@ def band(m: int) -> tuple[int, ...]:
 
 
 # Program shapes every correctness check of the kernel runs (the GPU tests, check_int4_mma.py), besides the
-# table's: DEFAULT, the launcher's split-K (split 0), a given split, one split (no workspace), two steps in flight, an
-# evict-first stream, slices of K with and without a split, and PDL (sm_90+ only).
+# table's: DEFAULT, the launcher's split-K (split 0), a given split, one split (no workspace), two steps in
+# flight, an evict-first stream, slices of K with and without a split, and PDL (sm_90+ only).
 CHECKED = [
     DEFAULT,
     {"rows": 4, "unroll": 1, "split": 1},
