@@ -4,13 +4,15 @@
 #   bash benchmarks/bench_int4.sh OUT_DIR [PHASE ...]
 #
 # Phases (default: all, in this order; each has its own time limit; results land in OUT_DIR):
-#   tests     the CUDA tests of the int4 kernels (tests/quant/test_int4_mma.py, test_triton_int4.py)
-#   kernel    benchmarks/check_int4_mma.py --quick: correctness (M = 1..64) and the M = 1 sweep;
+#   tests     the CUDA tests of the int4 tensor-core kernel and of PDL (tests/quant/test_int4_mma.py,
+#             tests/kernels/test_pdl.py)
+#   kernel    benchmarks/check_int4_mma.py --quick: correctness (M = 1..64) and the M = 1 and 16 sweeps;
 #             prints the FRAMEWORK_INT4_MMA_TUNED line of the best configs
-#   extended  the same with --extended: prefetch depth, L2 prefetch, eviction policy, program sizes
+#   extended  the same with --extended: prefetch depth, eviction policy, PDL on a few program shapes
 #   latency   framework bench latency at batch 1, 16, 64, 256 (prompt 128, output 128): bf16, GPTQ and AWQ as
-#             configured by default; with the tuned configs of the kernel phase when it ran (TUNED=0 in the
-#             environment: without them); about 40 s each (fits one device call with the other phases)
+#             configured by default, then bf16 and GPTQ with every decode kernel launched as a programmatic
+#             dependent (FRAMEWORK_PDL=1); with the tuned configs of the kernel phase when it ran (TUNED=0 in
+#             the environment: without them); 40-80 s each
 #   roofline  benchmarks/roofline.py: copy bandwidth for the floors
 set -u
 OUT=${1:?usage: bench_int4.sh OUT_DIR [PHASE ...]}
@@ -46,7 +48,7 @@ latency() {  # latency NAME [ENV=VALUE ...] -- [framework args ...]
 
 for p in $PHASES; do
     case $p in
-    tests) phase tests 300 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/quant/test_triton_int4.py ;;
+    tests) phase tests 200 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/kernels/test_pdl.py ;;
     kernel) phase kernel 240 python3 -W ignore benchmarks/check_int4_mma.py --quick --out "$OUT/kernel" ;;
     extended) phase extended 300 python3 -W ignore benchmarks/check_int4_mma.py --extended --out "$OUT/extended" ;;
     latency)
@@ -57,6 +59,8 @@ for p in $PHASES; do
         latency bf16 --
         latency gptq "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" -- --quantization gptq
         latency awq "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" -- --quantization awq
+        latency bf16_pdl FRAMEWORK_PDL=1 --
+        latency gptq_pdl "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_PDL=1 -- --quantization gptq
         ;;
     roofline) phase roofline 60 python3 benchmarks/roofline.py --shape llama3-8b --workload w1 --max-num-seqs 256 ;;
     *) echo "unknown phase $p" ;;

@@ -11,6 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from framework.ops import pdl
+from framework.ops.pdl import pdl_start
+
 BLOCK = 1024
 
 
@@ -22,8 +25,10 @@ def _silu_and_mul_kernel(
     stride_x, stride_o,  # row strides
     d,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,  # a programmatic dependent launch (framework.ops.pdl)
 ):
 # fmt: on
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
@@ -46,6 +51,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
     if x2.shape[0] and d:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, BLOCK))](
-            x2, out, x2.stride(0), out.stride(0), d, BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False
+            x2, out, x2.stride(0), out.stride(0), d, BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False,
+            **pdl.launch_args(x.device),
         )
     return out.view(*x.shape[:-1], d)

@@ -60,7 +60,9 @@ import torch
 import triton
 import triton.language as tl
 
+from framework.ops import pdl
 from framework.ops.gemv_configs import NORM_TUNED, SILU_TUNED, Config, choose_config, table_entry
+from framework.ops.pdl import pdl_start
 from framework.ops.split_k import arrival_counters
 
 MAX_M = 8  # the layers use the GEMV up to this many rows (tokens)
@@ -171,8 +173,10 @@ def _gemv_kernel(
     NORM: tl.constexpr = False,  # the GEMV's input is RMSNorm(x (+ residual)), normalised in the load prologue
     HAS_RESIDUAL: tl.constexpr = False,
     NORM_BLOCK: tl.constexpr = 16,  # K elements a row per step of the statistics loop (a power of two)
+    PDL: tl.constexpr = False,  # a programmatic dependent launch (framework.ops.pdl)
 ):
 # fmt: on
+    pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -363,6 +367,7 @@ def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None, nor
         NORM=norm is not None, HAS_RESIDUAL=residual is not None,
         NORM_BLOCK=min(triton.next_power_of_2(k), max(16, NORM_STAT_ELEMS // block_m)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
+        **pdl.launch_args(x.device),
     )  # fmt: skip
     if splits > 1 and counters is None:
         block = 1024

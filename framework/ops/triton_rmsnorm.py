@@ -13,6 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from framework.ops import pdl
+from framework.ops.pdl import pdl_start
+
 MAX_HIDDEN = 65536
 
 
@@ -29,8 +32,10 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,  # next power of two >= hidden
+    PDL: tl.constexpr = False,  # a programmatic dependent launch (framework.ops.pdl)
 ):
 # fmt: on
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -78,6 +83,7 @@ def rms_norm(
             BLOCK=block,
             num_warps=min(16, max(1, block // 256)),
             enable_fp_fusion=False,  # no fma contraction: round where torch rounds
+            **pdl.launch_args(x.device),
         )  # fmt: skip
     if residual is None:
         return out.view(shape)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from framework.ops import pdl
+from framework.ops.pdl import pdl_start
 from framework.ops.triton_rotary import rotate_head_halves
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -150,8 +152,10 @@ def _rotary_write_kv_kernel(
     BLOCK_D: tl.constexpr,
     KV_FP8: tl.constexpr,
     FP8_MAX: tl.constexpr,
+    PDL: tl.constexpr = False,  # a programmatic dependent launch (framework.ops.pdl)
 ):
 # fmt: on
+    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     dtype = q_out_ptr.dtype.element_ty
     pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -267,5 +271,6 @@ def rotary_write_kv_cache(
         FP8_MAX=torch.finfo(key_cache.dtype).max if kv_fp8 else 0.0,
         num_warps=4,
         enable_fp_fusion=False,  # no fma contraction: round where torch rounds (see triton_rotary)
+        **pdl.launch_args(q.device),
     )  # fmt: skip
     return q_out

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from framework.ops import pdl
+from framework.ops.pdl import pdl_start
 from framework.ops.split_k import arrival_counters
 
 LOG2E = 1.4426950408889634
@@ -89,8 +91,10 @@ def _decode_split_kernel(
     FUSED_REDUCE: tl.constexpr,  # the last split of a (seq, kv head) to finish combines them
     BLOCK_GR: tl.constexpr,  # next power of two >= GROUP (the fused reduction's head rows)
     BLOCK_S: tl.constexpr,  # next power of two >= num_splits (FUSED_REDUCE)
+    PDL: tl.constexpr = False,  # a programmatic dependent launch (framework.ops.pdl)
 ):
 # fmt: on
+    pdl_start(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -302,6 +306,7 @@ def decode_attention(
         BLOCK_S=block_s,
         num_warps=4,
         num_stages=2,
+        **pdl.launch_args(q.device),
     )  # fmt: skip
     if num_splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(num_seqs, num_heads)](

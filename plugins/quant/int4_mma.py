@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from framework.ops import pdl as pdl_launch
+from framework.ops.pdl import gdc_launch_dependents
 from framework.ops.split_k import arrival_counters, num_sms
 from plugins.quant.int4_mma_layout import MAGIC_VALUE, pack_scales, reference_matmul, repack
 from plugins.quant.int4_mma_tuned import DEFAULT, TUNED, band as _band, tuned as _tuned  # noqa: F401 - re-exported
@@ -238,6 +240,8 @@ def _mma_kernel(
     # a = KS r + s is row block r of the program, over slice s of its superblocks (per_ks = sb_per_split / KS
     # of them: the host makes sb_per_split a multiple of KS U); the slices' sums meet in the program, which
     # costs less than a split across programs (no workspace round trip, no arrival counter).
+    if PDL:  # the next kernel may launch now (it waits for this one's end before reading what it writes)
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     SB = K // 64
@@ -334,8 +338,8 @@ def aligned(x: torch.Tensor) -> bool:
 def matmul(x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int) -> torch.Tensor:
     """``mma_matmul`` with the measured config for the shape."""
     kwargs = dict(_tuned().get((qweight.shape[0] * 16, x.shape[1]) + _band(x.shape[0]), DEFAULT))
-    if PDL and "pdl" not in kwargs:
-        kwargs["pdl"] = _has_pdl(x.device)
+    if "pdl" not in kwargs and (PDL and _has_pdl(x.device) or pdl_launch.enabled(x.device)):
+        kwargs["pdl"] = True
     return mma_matmul(x, qweight, szp, group_size, **kwargs)
 
 
