@@ -14,10 +14,12 @@ up to 8 blocks, all served by one pass over the weights; fp32 accumulation).
 That, and the loads of activations and scale words a step ahead, is inline PTX
 (``tl.inline_asm_elementwise`` with ``pack=4``: one invocation per thread and
 per four words) inside a Triton loop whose tensors all have one layout, so it
-runs on CUDA only (sm_80 and newer). The Triton interpreter cannot run it: the
-CPU tests run the PTX strings on an emulated warp (``tests/quant/ptx_emu.py``)
-and check the layout with ``unpack`` / ``reference_matmul``; ``usable`` checks
-the compiled kernel on the GPU at load time.
+runs on CUDA only (sm_80 and newer) in the engine. On CPU tensors (the Triton
+interpreter) ``int4_mma_emulated.emulated_step`` does the asm's arithmetic in
+plain Triton, so the CPU tests run the rest of the kernel (program shapes,
+slices, splits, epilogues); they run the PTX strings themselves on an emulated
+warp (``tests/quant/ptx_emu.py``) and check the layout with ``unpack`` /
+``reference_matmul``; ``usable`` checks the compiled kernel on the GPU at load time.
 
 The layout, its packing, a torch reference and a Triton dequantization (for
 steps of more rows) are in ``plugins.quant.int4_mma_layout``.
@@ -37,6 +39,7 @@ import triton.language as tl
 from framework.ops import pdl as pdl_launch
 from framework.ops.pdl import gdc_launch_dependents
 from framework.ops.split_k import arrival_counters, num_sms
+from plugins.quant.int4_mma_emulated import emulated_step
 from plugins.quant.int4_mma_layout import MAGIC_VALUE, pack_scales, reference_matmul, repack
 from plugins.quant.int4_mma_tuned import DEFAULT, TUNED, band as _band, tuned as _tuned  # noqa: F401 - re-exported
 
@@ -135,21 +138,28 @@ _LOAD_Z_CONSTRAINTS_C = tl.constexpr(_LOAD_Z_CONSTRAINTS)
 
 @triton.jit
 def _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP: tl.constexpr, MB: tl.constexpr,
-               COHERENT: tl.constexpr = False):  # fmt: skip
+               COHERENT: tl.constexpr = False, EMULATE: tl.constexpr = False):  # fmt: skip
     """The activations (B fragments: a tuple of MB tensors) and scale/zero words of superblock ``sb + u``
-    (``sb``: the step's first superblock of each row of the tile, ``[R KS]``)."""
+    (``sb``: the step's first superblock of each row of the tile, ``[R KS]``); placeholders under EMULATE
+    (``emulated_step`` loads what it needs)."""
     sbu = sb[:, None] + u[None, :]
-    xa = x_row[None, :] + sbu * 128  # bytes: 64 activations a superblock
-    dead = x_dead[None, :] + 64 * (sbu >= sb1).to(tl.int32)  # past the split: no row is loaded
     xvs = ()
-    for cb in tl.static_range(MB):
-        xv = tl.inline_asm_elementwise(
-            _LOAD_X_COHERENT_ASM_C if COHERENT else _LOAD_X_ASM_C, _LOAD_X_CONSTRAINTS_C,
-            [xa + cb * x_step, dead + 8 * cb], dtype=tl.int64, is_pure=True, pack=4,
-        )  # fmt: skip
-        xvs = xvs + (xv,)
-    za = z_rows + tl.minimum(sbu * 64, K - 1) // GROUP * 64  # bytes: 8 lanes x 8 a group
-    zv = tl.inline_asm_elementwise(_LOAD_Z_ASM_C, _LOAD_Z_CONSTRAINTS_C, [za], dtype=tl.int32, is_pure=True, pack=4)
+    if EMULATE:
+        for cb in tl.static_range(MB):
+            xvs = xvs + (sbu.to(tl.int64),)
+        zv = sbu
+    else:
+        xa = x_row[None, :] + sbu * 128  # bytes: 64 activations a superblock
+        dead = x_dead[None, :] + 64 * (sbu >= sb1).to(tl.int32)  # past the split: no row is loaded
+        for cb in tl.static_range(MB):
+            xv = tl.inline_asm_elementwise(
+                _LOAD_X_COHERENT_ASM_C if COHERENT else _LOAD_X_ASM_C, _LOAD_X_CONSTRAINTS_C,
+                [xa + cb * x_step, dead + 8 * cb], dtype=tl.int64, is_pure=True, pack=4,
+            )  # fmt: skip
+            xvs = xvs + (xv,)
+        za = z_rows + tl.minimum(sbu * 64, K - 1) // GROUP * 64  # bytes: 8 lanes x 8 a group
+        zv = tl.inline_asm_elementwise(_LOAD_Z_ASM_C, _LOAD_Z_CONSTRAINTS_C, [za], dtype=tl.int32, is_pure=True,
+                                       pack=4)  # fmt: skip
     return xvs, zv
 
 
@@ -232,6 +242,8 @@ def _mma_kernel(
     PDL: tl.constexpr = False,  # launched as a programmatic dependent launch (sm_90+): see the wait below
     KS: tl.constexpr = 1,  # slices of the program's superblocks, one a tile row: summed in the program at the end
     DIRECT: tl.constexpr = False,  # one split: the program writes its outputs (no workspace, no counters)
+    EMULATE: tl.constexpr = False,  # the Triton interpreter: emulated_step instead of the asm (CPU tests)
+    MAGIC: tl.constexpr = 128,  # EMULATE: the dtype's magic value (int4_mma_layout.MAGIC_VALUE)
 ):
 # fmt: on
     # Every tensor of the main loop is [R KS, 128 U] and reaches memory only through loads and stores contiguous
@@ -274,7 +286,7 @@ def _mma_kernel(
         # this wait; x is read with coherent loads, which the compiler keeps below it (it moves .nc loads above).
         tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.b32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
                                   pack=1)  # fmt: skip
-    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, PDL)
+    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, PDL, EMULATE)
     for _ in range(0, per_ks, U):
         nxt = sb + U  # the next step's loads are in flight while this step computes
         if DEPTH == 2:
@@ -282,8 +294,12 @@ def _mma_kernel(
             qw_later = _load_words(w_rows, c, rb_mask, sb + 2 * U, sb1, u, EVICT)
         else:
             qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
-        xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL)
-        accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
+        xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL, EMULATE)
+        if EMULATE:
+            accs = emulated_step(qw, accs, x_ptr, sxm, sz_ptr, rb, NB, G, sb, sb1, c, M, K, GROUP, MAGIC, R * KS, U,
+                                  MB)  # fmt: skip
+        else:
+            accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
         qw, xvs, zv = qw_next, xvs_next, zv_next
         sb = nxt
     if DIRECT:  # the slices' and unroll slots' sums, then the outputs straight from them
@@ -398,6 +414,9 @@ def mma_matmul(
         raise ValueError(
             f"mma_matmul takes M <= {MAX_M} rows of 16-bit x with 32-byte aligned rows; got {tuple(x.shape)} {x.dtype}"
         )
+    emulate = not x.is_cuda  # the Triton interpreter (CPU tests): the asm's arithmetic in plain Triton
+    if emulate and pdl:
+        raise ValueError("pdl needs a CUDA device")
     sbs = K // 64
     tiles = triton.cdiv(nb, rows)
     step = unroll * kslices  # superblocks a split holds a multiple of
@@ -415,8 +434,9 @@ def mma_matmul(
         x, qweight, szp, out, ws, cnt if cnt is not None else ws,
         M, N, K, x.stride(0), szp.shape[1], per, splits, 2 * K,
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
-        DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, launch_pdl=pdl,
+        DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct,
         num_warps=num_warps, num_stages=1,
+        **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
     )  # fmt: skip
     if cnt is None and not direct:
         _mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, MB=mb, num_warps=4)

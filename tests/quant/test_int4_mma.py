@@ -122,6 +122,47 @@ def test_cpu_layers_keep_one_copy():
     torch.testing.assert_close(apply_int_weight(layer, x), expect, rtol=2e-2, atol=2e-2)
 
 
+# -- the kernel's Triton part, in the interpreter ----------------------------------------------------
+# (the asm's arithmetic replaced by plain Triton: int4_mma._emulated_step; the asm itself runs on the emulated
+# warp below): program shapes, slices of K, splits and their workspace, the direct epilogue, masks.
+
+
+def _interpreted(n, k, group, dtype, m, configs, seed=0):
+    q, scales, zeros = _layer(n, k, group, dtype, seed=seed)
+    qw, szp = layout.repack(q), layout.pack_scales(scales, zeros)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + m)).to(dtype)
+    ref = layout.reference_matmul(x, qw, szp, group).float()
+    for kw in configs:
+        out = int4_mma.mma_matmul(x, qw, szp, group, **kw)
+        assert out.shape == (m, n) and out.dtype == dtype
+        yield kw, ((out.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU-only hosts (the GPU tests below run the kernel)")
+def test_interpreted_kernel_every_checked_program():
+    """fp16 (the interpreter rounds fp16 as the GPU does: the products match to fp32 summation order): every
+    program shape of the correctness checks, on a layer whose K (5 superblocks, one group) leaves slices and
+    splits partly empty, and 9 rows of x (two column blocks, the second with one live row)."""
+    configs = [kw for kw in CHECKED if not kw.get("pdl")]
+    for kw, err in _interpreted(80, 320, 320, torch.float16, 9, configs):
+        assert err < 1e-3, (kw, err)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU-only hosts (the GPU tests below run the kernel)")
+@pytest.mark.parametrize("m", [1, 9, 20, 33])
+def test_interpreted_kernel_tuned_programs(m):
+    """The tuned program of each shape for the row band of m (1, 2, 4 and 8 column blocks of B), bf16 (the
+    interpreter truncates the output's cast, so within one bf16 step of the reference) and fp16."""
+    band = int4_mma._band(m)
+    configs = [cfg for key, cfg in int4_mma.TUNED.items() if key[2:] == band] or [int4_mma.DEFAULT]
+    configs = [dict(c) for c in {json.dumps(c, sort_keys=True): c for c in configs}.values()]
+    if m > 32:
+        configs = configs[:1]  # eight column blocks are slow to interpret
+    for dtype, bound in ((torch.float16, 1e-3), (torch.bfloat16, 1e-2)):
+        for kw, err in _interpreted(48, 256, 64, dtype, m, configs, seed=m):
+            assert err < bound, (dtype, kw, err)
+
+
 # -- CUDA --------------------------------------------------------------------------------------------
 
 
