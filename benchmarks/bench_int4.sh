@@ -9,7 +9,7 @@
 #   kernel    benchmarks/check_int4_mma.py --quick: correctness (M = 1..64) and the M = 1 and 16 sweeps;
 #             prints the FRAMEWORK_INT4_MMA_TUNED line of the best configs
 #   extended  the same with --extended: prefetch depth, eviction policy, PDL on a few program shapes
-#   latency   framework bench latency at batch 1, 16, 64, 256 (prompt 128, output 128): bf16, GPTQ and AWQ as
+#   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16, GPTQ and AWQ as
 #             configured by default, then bf16 and GPTQ with every decode kernel launched as a programmatic
 #             dependent (FRAMEWORK_PDL=1); with the tuned configs of the kernel phase when it ran (TUNED=0 in
 #             the environment: without them); 40-80 s each
@@ -42,7 +42,7 @@ latency() {  # latency NAME [ENV=VALUE ...] -- [framework args ...]
     while [ $# -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
     shift
     phase "latency_$name" 150 env ${envs[@]+"${envs[@]}"} python3 -m framework bench latency "$MODEL" "${ENGINE[@]}" \
-        --batch-sizes 1 16 64 256 --input-len 128 --output-len 128 --num-iters 3 "$@" \
+        --batch-sizes 1 16 32 64 256 --input-len 128 --output-len 128 --num-iters 3 "$@" \
         --output-json "$OUT/latency_$name.json"
 }
 
