@@ -9,10 +9,10 @@
 #   kernel    benchmarks/check_int4_mma.py --quick: correctness (M = 1..64) and the M = 1 and 16 sweeps;
 #             prints the FRAMEWORK_INT4_MMA_TUNED line of the best configs
 #   extended  the same with --extended: prefetch depth, eviction policy, PDL on a few program shapes
-#   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16, GPTQ and AWQ as
-#             configured by default, then bf16 and GPTQ with every decode kernel launched as a programmatic
+#   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16 and GPTQ (AWQ
+#             runs the same kernels) as configured by default, then with every decode kernel launched as a programmatic
 #             dependent (FRAMEWORK_PDL=1); with the tuned configs of the kernel phase when it ran (TUNED=0 in
-#             the environment: without them); 40-80 s each
+#             the environment: without them); 40-80 s each, about 7 min for all phases
 #   roofline  benchmarks/roofline.py: copy bandwidth for the floors
 set -u
 OUT=${1:?usage: bench_int4.sh OUT_DIR [PHASE ...]}
@@ -58,7 +58,6 @@ for p in $PHASES; do
         fi
         latency bf16 --
         latency gptq "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" -- --quantization gptq
-        latency awq "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" -- --quantization awq
         latency bf16_pdl FRAMEWORK_PDL=1 --
         latency gptq_pdl "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_PDL=1 -- --quantization gptq
         ;;
