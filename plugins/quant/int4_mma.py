@@ -370,7 +370,7 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Run the kernel once on a small random layer against ``reference_matmul`` (the PTX assumes the layout
     the compiler gives the main loop; a Triton that lays it out otherwise computes garbage, caught here)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    n, k, group = 48, 256, 64
+    n, k, group = 48, 256, 128  # the usual group size: the compiled variants are the ones a model then uses
     q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
     scales = (torch.rand(k // group, n, generator=gen) * 0.1 + 0.01).to(dtype)
     zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(dtype)
@@ -414,6 +414,8 @@ def mma_matmul(
         raise ValueError(
             f"mma_matmul takes M <= {MAX_M} rows of 16-bit x with 32-byte aligned rows; got {tuple(x.shape)} {x.dtype}"
         )
+    if rows * kslices & (rows * kslices - 1) or unroll & (unroll - 1):
+        raise ValueError(f"rows * kslices ({rows} * {kslices}) and unroll ({unroll}) must be powers of two")
     emulate = not x.is_cuda  # the Triton interpreter (CPU tests): the asm's arithmetic in plain Triton
     if emulate and pdl:
         raise ValueError("pdl needs a CUDA device")

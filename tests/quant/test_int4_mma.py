@@ -138,6 +138,16 @@ def _interpreted(n, k, group, dtype, m, configs, seed=0):
         yield kw, ((out.float() - ref).abs().max() / ref.abs().max()).item()
 
 
+def test_program_shape_must_be_powers_of_two():
+    q, scales, zeros = _layer(48, 256, 128, torch.float16)
+    qw, szp = layout.repack(q), layout.pack_scales(scales, zeros)
+    x = torch.randn(1, 256).to(torch.float16)
+    with pytest.raises(ValueError, match="powers of two"):
+        int4_mma.mma_matmul(x, qw, szp, 128, rows=3, kslices=1)
+    with pytest.raises(ValueError, match="powers of two"):
+        int4_mma.mma_matmul(x, qw, szp, 128, rows=1, kslices=2, unroll=3)
+
+
 @pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU-only hosts (the GPU tests below run the kernel)")
 def test_interpreted_kernel_every_checked_program():
     """fp16 (the interpreter rounds fp16 as the GPU does: the products match to fp32 summation order): every
