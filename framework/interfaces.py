@@ -179,6 +179,14 @@ class LinearMethod:
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_silu_and_mul(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """For a merged gate/up projection the model marked ``gated_silu`` (before its weights are loaded):
+        ``silu(gate) * up`` of ``apply``'s output, computed in one kernel, or None where the method has no such
+        kernel for this step (the caller then runs ``apply`` and SiluAndMul). Optional."""
+        return None
+
 
 class QuantConfig:
     """A quantization method (registered via ``register_quantizers``)."""

@@ -38,6 +38,7 @@ from framework.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
+from framework.interfaces import LinearMethod
 from framework.model_config import HFConfig
 from plugins.quant.fp8_kv import load_kv_scale
 
@@ -129,6 +130,7 @@ class LlamaMLP(nn.Module):
         hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
         bias = _biases(hf_config)[2]
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias, ctx, f"{prefix}.gate_up_proj")
+        self.gate_up_proj.gated_silu = True  # its halves feed SiluAndMul: a quant method may fuse the two
         self.down_proj = RowParallelLinear(inter, hidden, bias, ctx, f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
@@ -138,6 +140,22 @@ class LlamaMLP(nn.Module):
     def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The MLP after the gate/up projection (the decoder layer fuses that one with its norm)."""
         return self.act_fn.then_linear(gate_up, self.down_proj)
+
+    def after_norm(self, norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """``(mlp(norm(hidden + residual)), hidden + residual)``: where the gate/up projection's method computes
+        ``silu(gate) * up`` in one kernel (int4 decode steps), that kernel; else the norm runs with the
+        projection (``RMSNorm.then_linear``) and SiLU-and-mul with the down projection, as before."""
+        method = self.gate_up_proj.linear_method
+        if getattr(type(method), "apply_silu_and_mul", LinearMethod.apply_silu_and_mul) is not (
+            LinearMethod.apply_silu_and_mul
+        ):  # the method has such a kernel
+            normed, summed = norm(hidden, residual) if residual is not None else (norm(hidden), hidden)
+            act = method.apply_silu_and_mul(self.gate_up_proj, normed, self.gate_up_proj.bias)
+            if act is not None:
+                return self.down_proj(act), summed
+            return self.from_gate_up(self.gate_up_proj(normed)), summed
+        gate_up, summed = norm.then_linear(hidden, residual, self.gate_up_proj)
+        return self.from_gate_up(gate_up), summed
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -159,8 +177,7 @@ class LlamaDecoderLayer(nn.Module):
         """
         qkv, residual = self.input_layernorm.then_linear(hidden, residual, self.self_attn.qkv_proj)
         hidden = self.self_attn.attend(positions, qkv)
-        gate_up, residual = self.post_attention_layernorm.then_linear(hidden, residual, self.mlp.gate_up_proj)
-        return self.mlp.from_gate_up(gate_up), residual
+        return self.mlp.after_norm(self.post_attention_layernorm, hidden, residual)
 
 
 class LlamaModel(nn.Module):

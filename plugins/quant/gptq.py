@@ -42,6 +42,7 @@ from torch import nn
 from framework.interfaces import LinearMethod, QuantConfig
 from framework.layers.weight_loading import check_shape, copy_into, describe
 from plugins.quant.int4_common import (
+    apply_int_silu,
     apply_int_weight,
     check_choice,
     check_group_size,
@@ -219,3 +220,6 @@ class GPTQLinearMethod(LinearMethod):
 
     def apply(self, layer, x, bias=None):
         return apply_int_weight(layer, x, bias)
+
+    def apply_silu_and_mul(self, layer, x, bias=None):
+        return apply_int_silu(layer, x, bias)

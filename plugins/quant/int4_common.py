@@ -101,6 +101,14 @@ def set_int_layout(
     layer.register_buffer("perm", None if perm is None else perm.to(torch.int64).contiguous(), persistent=False)
     layer.bits, layer.group_size = bits, group_size
     mma = _mma_layout(qweight, scales, zeros, bits, group_size)
+    # a merged gate/up projection whose halves feed SiluAndMul (``gated_silu``, set by the model): the two
+    # halves' row blocks interleaved, so that the kernel can write silu(gate) * up itself (apply_int_silu)
+    layer.mma_paired = bool(mma is not None and getattr(layer, "gated_silu", False) and not SINGLE_COPY
+                            and mma[0].shape[0] % 2 == 0)  # fmt: skip
+    if layer.mma_paired:
+        from plugins.quant.int4_mma_layout import pair_halves
+
+        mma = pair_halves(*mma)
     layer.register_buffer("mma_qweight", None if mma is None else mma[0], persistent=False)
     layer.register_buffer("mma_szp", None if mma is None else mma[1], persistent=False)
     if mma is not None and SINGLE_COPY:  # steps of more rows dequantize the reordered codes instead
@@ -113,7 +121,7 @@ def _mma_layout(qweight, scales, zeros, bits, group_size) -> tuple[torch.Tensor,
     CUDA when the shape, dtype and zero points allow it and the kernel passed its self-check here; else None.
     It is a second copy of the codes (the tiled and dequantizing paths for more rows read ``qweight``) unless
     SINGLE_COPY drops the first."""
-    if bits != 4 or not qweight.is_cuda or os.environ.get("FRAMEWORK_INT4_MMA", "1") == "0":
+    if bits != 4 or os.environ.get("FRAMEWORK_INT4_MMA", "1") == "0":
         return None
     try:
         from plugins.quant import int4_mma, int4_mma_layout as layout
@@ -127,9 +135,17 @@ def _mma_layout(qweight, scales, zeros, bits, group_size) -> tuple[torch.Tensor,
         szp = layout.pack_scales(scales, zeros)
     except ValueError:  # zero points that are not small integers
         return None
-    if not int4_mma.usable(qweight.device, scales.dtype):
+    if not _mma_usable(qweight.device, scales.dtype):
         return None
     return layout.repack(unpack_rows(qweight, 4)), szp
+
+
+def _mma_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the tensor-core kernel serves layers on ``device`` (CUDA, self-check passed). The CPU tests
+    stand in the Triton interpreter here (``int4_mma`` emulates its asm on CPU tensors)."""
+    from plugins.quant import int4_mma
+
+    return device.type == "cuda" and int4_mma.usable(device, dtype)
 
 
 # FRAMEWORK_INT4_SINGLE_COPY=1: a 4-bit layer on CUDA keeps only the tensor-core layout; steps of up to
@@ -167,6 +183,27 @@ def apply_int_weight(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def apply_int_silu(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``silu(gate) * up`` of the merged gate/up projection ``x @ W^T`` in one kernel (``[..., N / 2]``), for a
+    layer in the paired tensor-core layout (``gated_silu``) and a step that kernel takes; else None (the
+    caller runs the projection and SiluAndMul)."""
+    if not getattr(layer, "mma_paired", False) or bias is not None:
+        return None
+    from plugins.quant import int4_mma
+
+    x2d = x.reshape(-1, x.shape[-1])
+    if layer.perm is not None:  # act-order: the inputs in the codes' order
+        x2d = x2d.index_select(1, layer.perm)
+    m = x2d.shape[0]
+    if not 0 < m <= int4_mma.LAYER_MAX_M or x2d.dtype != layer.scales.dtype:
+        return None
+    rows = x2d.contiguous()
+    if not int4_mma.aligned(rows):
+        return None
+    out = int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size, paired=True, gated=True)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def _apply_mma(layer: nn.Module, x2d: torch.Tensor) -> torch.Tensor | None:
     """``x2d @ W^T`` from the tensor-core copy (``plugins.quant.int4_mma``), or None where the other kernels
     take the step (more rows than the kernel is sent, another dtype, unaligned rows, no rows) with ``qweight``."""
@@ -179,7 +216,7 @@ def _apply_mma(layer: nn.Module, x2d: torch.Tensor) -> torch.Tensor | None:
         if only and not int4_mma.aligned(rows):
             rows = rows.clone()  # a fresh allocation is aligned
         if int4_mma.aligned(rows):
-            return int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size)
+            return int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size, paired=getattr(layer, "mma_paired", False))
     if not only:
         return None
     if m == 0:

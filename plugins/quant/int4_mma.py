@@ -205,7 +205,33 @@ def _out_index(rb, M, N, NB, cb):
 
 
 @triton.jit
-def _write_out(ws_ptr, out_ptr, tile, M, N, NB, num_splits, R: tl.constexpr, U: tl.constexpr, MB: tl.constexpr):
+def _store_tile(out_ptr, y, rb0, M, N, NB, cb, R: tl.constexpr, PAIRED: tl.constexpr, GATED: tl.constexpr):
+    """Store the outputs ``y [R, 128]`` (fragment slots) of row blocks ``rb0 .. rb0 + R - 1``. PAIRED: the layout
+    interleaves the two halves of the rows (block 2 j is block j of the first half, 2 j + 1 block j of the
+    second): written back in the checkpoint's order, or, GATED, as ``silu(first) * second`` ([M, N / 2]: the
+    SwiGLU gate, rounded as the projection's output and ``SiluAndMul`` round)."""
+    if GATED:
+        pair = tl.reshape(y, (R // 2, 2, 128))
+        half = tl.reshape(tl.arange(0, 2), (1, 2, 1))
+        dt = out_ptr.dtype.element_ty
+        gate = tl.sum(tl.where(half == 0, pair, 0.0), axis=1).to(dt).to(tl.float32)
+        up = tl.sum(tl.where(half == 1, pair, 0.0), axis=1).to(dt).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+        offs, mask = _out_index(rb0 // 2 + tl.arange(0, R // 2), M, N // 2, NB // 2, cb)
+        tl.store(out_ptr + offs, (silu * up).to(dt), mask=mask)
+    else:
+        rb = rb0 + tl.arange(0, R)
+        if PAIRED:
+            offs, mask = _out_index(tl.where(rb % 2 == 0, rb // 2, NB // 2 + rb // 2), M, N, NB, cb)
+            mask = mask & (rb < NB)[:, None]
+        else:
+            offs, mask = _out_index(rb, M, N, NB, cb)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _write_out(ws_ptr, out_ptr, tile, M, N, NB, num_splits, R: tl.constexpr, U: tl.constexpr, MB: tl.constexpr,
+               PAIRED: tl.constexpr = False, GATED: tl.constexpr = False):  # fmt: skip
     """out[m, n] for the tile's rows: the fragment-ordered partials of every split and unroll slot, summed in
     order. ws: fp32 [S, tiles, MB, R, 128 U]; element (cb, r, 128 u + 4 lane + i) is D[i] of that lane's
     mma for column block cb (rows 8 cb.. of x) and row block r."""
@@ -213,14 +239,14 @@ def _write_out(ws_ptr, out_ptr, tile, M, N, NB, num_splits, R: tl.constexpr, U: 
     rb = tile * R + tl.arange(0, R)
     tiles = tl.num_programs(0)
     for cb in tl.static_range(MB):
-        offs, mask = _out_index(rb, M, N, NB, cb)
+        _, live = _out_index(rb, M, N, NB, cb)
         y = tl.zeros([R, 128], dtype=tl.float32)
         for s in range(num_splits):
             base = ws_ptr + (((s * tiles + tile) * MB + cb) * R) * (128 * U)
             for uu in tl.static_range(U):
-                y += tl.load(base + tl.arange(0, R)[:, None] * (128 * U) + uu * 128 + ci[None, :], mask=mask,
+                y += tl.load(base + tl.arange(0, R)[:, None] * (128 * U) + uu * 128 + ci[None, :], mask=live,
                              other=0.0, cache_modifier=".cg")  # fmt: skip
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_tile(out_ptr, y, tile * R, M, N, NB, cb, R, PAIRED, GATED)
 
 
 # fmt: off
@@ -244,6 +270,8 @@ def _mma_kernel(
     DIRECT: tl.constexpr = False,  # one split: the program writes its outputs (no workspace, no counters)
     EMULATE: tl.constexpr = False,  # the Triton interpreter: emulated_step instead of the asm (CPU tests)
     MAGIC: tl.constexpr = 128,  # EMULATE: the dtype's magic value (int4_mma_layout.MAGIC_VALUE)
+    PAIRED: tl.constexpr = False,  # the layout interleaves the two halves of the rows (_store_tile)
+    GATED: tl.constexpr = False,  # PAIRED: write silu(first half) * second half, [M, N / 2]
 ):
 # fmt: on
     # Every tensor of the main loop is [R KS, 128 U] and reaches memory only through loads and stores contiguous
@@ -303,11 +331,9 @@ def _mma_kernel(
         qw, xvs, zv = qw_next, xvs_next, zv_next
         sb = nxt
     if DIRECT:  # the slices' and unroll slots' sums, then the outputs straight from them
-        rbo = pid_n * R + tl.arange(0, R)
         for cb in tl.static_range(MB):
             y = tl.sum(tl.reshape(accs[cb], (R, KS * U, 128)), axis=1)  # tile row KS r + s, slot 128 u + j
-            offs, mask = _out_index(rbo, M, N, NB, cb)
-            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+            _store_tile(out_ptr, y, pid_n * R, M, N, NB, cb, R, PAIRED, GATED)
     else:
         tiles = tl.num_programs(0)
         # only the accumulators of x's M rows (D[i] of lane 4g + t in column block cb is row 8 cb + 2t + i % 2):
@@ -324,13 +350,14 @@ def _mma_kernel(
             tl.debug_barrier()  # every thread's partial stored before the counter moves
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if arrived == num_splits - 1:
-                _write_out(ws_ptr, out_ptr, pid_n, M, N, NB, num_splits, R, U, MB)
+                _write_out(ws_ptr, out_ptr, pid_n, M, N, NB, num_splits, R, U, MB, PAIRED, GATED)
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 @triton.jit(do_not_specialize=["M", "num_splits"])
-def _mma_out_kernel(ws_ptr, out_ptr, M, N, num_splits, R: tl.constexpr, U: tl.constexpr, MB: tl.constexpr):
-    _write_out(ws_ptr, out_ptr, tl.program_id(0), M, N, N // 16, num_splits, R, U, MB)
+def _mma_out_kernel(ws_ptr, out_ptr, M, N, num_splits, R: tl.constexpr, U: tl.constexpr, MB: tl.constexpr,
+                    PAIRED: tl.constexpr = False, GATED: tl.constexpr = False):  # fmt: skip
+    _write_out(ws_ptr, out_ptr, tl.program_id(0), M, N, N // 16, num_splits, R, U, MB, PAIRED, GATED)
 
 
 MAX_M = 64  # eight column blocks of B, 8 rows of x each
@@ -351,12 +378,15 @@ def aligned(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.stride(0) % 16 == 0 and x.data_ptr() % 32 == 0
 
 
-def matmul(x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int) -> torch.Tensor:
+def matmul(
+    x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int, paired: bool = False,
+    gated: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """``mma_matmul`` with the measured config for the shape."""
     kwargs = dict(_tuned().get((qweight.shape[0] * 16, x.shape[1]) + _band(x.shape[0]), DEFAULT))
     if "pdl" not in kwargs and (PDL and _has_pdl(x.device) or pdl_launch.enabled(x.device)):
         kwargs["pdl"] = True
-    return mma_matmul(x, qweight, szp, group_size, **kwargs)
+    return mma_matmul(x, qweight, szp, group_size, paired=paired, gated=gated, **kwargs)
 
 
 @functools.cache
@@ -399,14 +429,16 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
 def mma_matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
-    pdl: bool = False, kslices: int = 1,
+    pdl: bool = False, kslices: int = 1, paired: bool = False, gated: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
 
     A program takes ``rows`` 16-row blocks over ``kslices`` slices of its superblocks (``rows * kslices`` tile
     rows, a power of two; best with one a warp), ``unroll`` superblocks a step; ``split`` programs share each
     tile's superblocks (0: enough for about four programs a multiprocessor) and sum through a workspace, or,
-    with one split, the program writes the output itself."""
+    with one split, the program writes the output itself. ``paired``: the row blocks of the two halves of W
+    are interleaved (``int4_mma_layout.pair_halves``); ``gated`` then gives ``silu(first) * second``, ``[M,
+    N / 2]`` (a program takes at least two row blocks: one pair)."""
     M, K = x.shape
     nb = qweight.shape[0]
     N = nb * 16
@@ -416,6 +448,10 @@ def mma_matmul(
         )
     if rows * kslices & (rows * kslices - 1) or unroll & (unroll - 1):
         raise ValueError(f"rows * kslices ({rows} * {kslices}) and unroll ({unroll}) must be powers of two")
+    if gated and not paired:
+        raise ValueError("gated needs the paired layout (int4_mma_layout.pair_halves)")
+    if gated and rows < 2:
+        rows, kslices = 2, max(1, kslices // 2)  # one (gate, up) pair a program; as many tile rows as before
     emulate = not x.is_cuda  # the Triton interpreter (CPU tests): the asm's arithmetic in plain Triton
     if emulate and pdl:
         raise ValueError("pdl needs a CUDA device")
@@ -427,7 +463,7 @@ def mma_matmul(
     per = triton.cdiv(triton.cdiv(sbs, split), step) * step
     splits = triton.cdiv(sbs, per)
     mb = 1 << (triton.cdiv(max(M, 1), 8) - 1).bit_length()  # 1, 2, 4 or 8 column blocks of B (zeros past M)
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    out = torch.empty((M, N // 2 if gated else N), dtype=x.dtype, device=x.device)
     direct = splits == 1
     ws = out if direct else torch.empty((splits, tiles, mb, rows, 128 * unroll), dtype=torch.float32, device=x.device)
     cnt = None if direct else arrival_counters(x.device, tiles)
@@ -436,10 +472,11 @@ def mma_matmul(
         x, qweight, szp, out, ws, cnt if cnt is not None else ws,
         M, N, K, x.stride(0), szp.shape[1], per, splits, 2 * K,
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
-        DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct,
+        DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, PAIRED=paired, GATED=gated,
         num_warps=num_warps, num_stages=1,
         **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
     )  # fmt: skip
     if cnt is None and not direct:
-        _mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, MB=mb, num_warps=4)
+        _mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, MB=mb, PAIRED=paired, GATED=gated,
+                                  num_warps=4)  # fmt: skip
     return out

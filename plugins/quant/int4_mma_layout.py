@@ -78,6 +78,20 @@ def pack_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
+def pair_halves(qweight: torch.Tensor, szp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout with the row blocks of W's two halves interleaved (block 2 j = block j of the first half,
+    2 j + 1 = block j of the second): a program of the kernel then holds gate and up rows of a merged gate/up
+    projection together (``int4_mma.mma_matmul(paired=True, gated=True)``). Needs N / 2 a multiple of 16."""
+    nb = qweight.shape[0]
+    if nb % 2:
+        raise ValueError(f"pairing the halves needs an even number of 16-row blocks; got {nb}")
+
+    def pair(t: torch.Tensor) -> torch.Tensor:
+        return t.view(2, nb // 2, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
+
+    return pair(qweight), pair(szp)
+
+
 def unpack_scales(szp: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of ``pack_scales``: ``(scales, zeros) [G, N]`` in ``dtype``."""
     nb, g_count = szp.shape[:2]

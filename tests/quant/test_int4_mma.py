@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from plugins.quant import int4_mma
@@ -171,6 +172,43 @@ def test_interpreted_kernel_tuned_programs(m):
     for dtype, bound in ((torch.float16, 1e-3), (torch.bfloat16, 1e-2)):
         for kw, err in _interpreted(48, 256, 64, dtype, m, configs, seed=m):
             assert err < bound, (dtype, kw, err)
+
+
+def _gate_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiluAndMul's torch arithmetic on a projection output rounded to its dtype."""
+    d = gate_up.shape[-1] // 2
+    return (F.silu(gate_up[:, :d].float()).to(gate_up.dtype).float() * gate_up[:, d:].float()).to(gate_up.dtype)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4, "split": 1},  # direct epilogue
+        {"rows": 2, "unroll": 1, "split": 3},  # through the workspace
+        {"rows": 1, "kslices": 4, "unroll": 1, "num_warps": 4, "split": 1},  # one row block: gated takes two
+        {"rows": 4, "unroll": 2, "split": 0},  # DEFAULT: a tile past the last pair
+    ],
+)
+def test_paired_layout(kw):
+    """W's two halves interleaved by row block (3 pairs): the plain output comes back in the checkpoint's
+    order, and the gated one is silu(first half) * second half (fp16: as SiluAndMul rounds). Interpreted on
+    CPU-only hosts, compiled on GPUs."""
+    n, k, group = 96, 256, 128
+    dev = "cuda" if CUDA else "cpu"
+    q, scales, zeros = _layer(n, k, group, torch.float16, seed=5, device=dev)
+    qw, szp = layout.repack(q), layout.pack_scales(scales, zeros)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(5)).to(torch.float16).to(dev)
+    ref = layout.reference_matmul(x, qw, szp, group)
+    pq, ps = layout.pair_halves(qw, szp)
+    assert not torch.equal(pq, qw)
+    plain = int4_mma.mma_matmul(x, pq, ps, group, paired=True, **kw)
+    torch.testing.assert_close(plain.float(), ref.float(), rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+    gated = int4_mma.mma_matmul(x, pq, ps, group, paired=True, gated=True, **kw)
+    expect = _gate_reference(ref)
+    assert gated.shape == (3, n // 2)
+    torch.testing.assert_close(gated.float(), expect.float(), rtol=2e-3, atol=2e-3 * expect.abs().max().item())
+    with pytest.raises(ValueError, match="paired"):
+        int4_mma.mma_matmul(x, qw, szp, group, gated=True)
 
 
 # -- CUDA --------------------------------------------------------------------------------------------
@@ -339,7 +377,7 @@ def test_graph_replay_matches_eager(pdl):
 def test_matmul_takes_the_config_of_the_row_band(monkeypatch):
     """1..8 rows take the (N, K) entry, 9..16 / 17..32 / 33..64 the (N, K, band) one, an unknown shape DEFAULT."""
     seen = []
-    monkeypatch.setattr(int4_mma, "mma_matmul", lambda x, qw, szp, group, **kw: seen.append(kw))
+    monkeypatch.setattr(int4_mma, "mma_matmul", lambda x, qw, szp, group, paired, gated, **kw: seen.append(kw))
     monkeypatch.delenv("FRAMEWORK_INT4_MMA_TUNED", raising=False)
     qw = torch.empty(6144 // 16, 1, dtype=torch.int32)
     for m, key in ((1, (6144, 4096)), (8, (6144, 4096)), (9, (6144, 4096, 16)), (32, (6144, 4096, 32))):
@@ -348,3 +386,30 @@ def test_matmul_takes_the_config_of_the_row_band(monkeypatch):
     int4_mma.matmul(torch.empty(1, 512), qw, None, 128)  # (6144, 512): not in the table
     assert seen[-1] == int4_mma.DEFAULT
     assert len({json.dumps(c, sort_keys=True) for c in seen[:4]}) == 3  # the bands hold different programs
+
+
+# -- the fused gate/up kernel in a model (interpreter) ----------------------------------------------
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU-only hosts")
+def test_model_runs_the_gated_gate_up_kernel(tmp_path, monkeypatch):
+    """A 4-bit GPTQ tiny Llama in fp16 with the tensor-core layout (its kernel interpreted): the gate/up
+    projections are paired and write silu(gate) * up themselves, and the model still matches transformers on
+    the dequantized weights."""
+    import quant_harness as harness  # tests/quant/conftest.py puts this directory on sys.path
+    import reference_formats as ref
+
+    from framework.testing import make_tiny_model
+    from plugins.quant import int4_common
+
+    monkeypatch.setattr(int4_common, "_mma_usable", lambda device, dtype: True)
+    gated_calls = []
+    matmul = int4_mma.matmul
+    monkeypatch.setattr(int4_mma, "matmul", lambda *a, **kw: gated_calls.append(kw.get("gated", False)) or matmul(*a, **kw))
+    src = make_tiny_model("LlamaForCausalLM", tmp_path / "m", **{**harness.TINY, "num_hidden_layers": 1})
+    qdir, rdir = ref.quantize_checkpoint(src, tmp_path / "q", tmp_path / "ref", "gptq", bits=4, group_size=64)
+    llm = harness.build_engine(qdir, dtype="float16")
+    mlp = llm.engine.runner.model.model.layers[0].mlp
+    assert mlp.gate_up_proj.mma_paired and not mlp.down_proj.mma_paired
+    harness.assert_matches_reference(llm, rdir, max_tokens=2, tol=3e-2)
+    assert True in gated_calls and False in gated_calls  # the fused gate/up, and the other projections
