@@ -103,8 +103,8 @@ def set_int_layout(
     mma = _mma_layout(qweight, scales, zeros, bits, group_size)
     # a merged gate/up projection whose halves feed SiluAndMul (``gated_silu``, set by the model): the two
     # halves' row blocks interleaved, so that the kernel can write silu(gate) * up itself (apply_int_silu)
-    layer.mma_paired = bool(mma is not None and getattr(layer, "gated_silu", False) and not SINGLE_COPY
-                            and mma[0].shape[0] % 2 == 0)  # fmt: skip
+    layer.mma_paired = bool(mma is not None and FUSED_SILU and getattr(layer, "gated_silu", False)
+                            and not SINGLE_COPY and mma[0].shape[0] % 2 == 0)  # fmt: skip
     if layer.mma_paired:
         from plugins.quant.int4_mma_layout import pair_halves
 
@@ -147,6 +147,10 @@ def _mma_usable(device: torch.device, dtype: torch.dtype) -> bool:
 
     return device.type == "cuda" and int4_mma.usable(device, dtype)
 
+
+# FRAMEWORK_INT4_FUSED_SILU=1: the gate/up projection of a decode step writes silu(gate) * up itself (one kernel
+# less a layer). Checked against the reference on the CPU (the kernel interpreted); off until timed on a GPU.
+FUSED_SILU = os.environ.get("FRAMEWORK_INT4_FUSED_SILU", "0") == "1"
 
 # FRAMEWORK_INT4_SINGLE_COPY=1: a 4-bit layer on CUDA keeps only the tensor-core layout; steps of up to
 # int4_mma.MAX_M rows take that kernel, longer ones dequantize it (Triton) and run one GEMM. It saves the
