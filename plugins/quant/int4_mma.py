@@ -40,6 +40,7 @@ from framework.ops import pdl as pdl_launch
 from framework.ops.pdl import gdc_launch_dependents
 from framework.ops.split_k import arrival_counters, num_sms
 from plugins.quant.int4_mma_emulated import emulated_step
+from plugins.quant.int4_mma_epilogue import mma_out_kernel, store_tile, write_out
 from plugins.quant.int4_mma_layout import MAGIC_VALUE, pack_scales, reference_matmul, repack
 from plugins.quant.int4_mma_tuned import DEFAULT, TUNED, band as _band, tuned as _tuned  # noqa: F401 - re-exported
 
@@ -191,64 +192,6 @@ def _load_words(w_rows, c, rb_mask, sb, sb1, u, EVICT: tl.constexpr):
                    other=0, eviction_policy=EVICT)  # fmt: skip
 
 
-@triton.jit
-def _out_index(rb, M, N, NB, cb):
-    """Output element (n, m) of each of a row-block tile's fragment slots ``[R, 128]`` (slot 4 lane + i holds
-    D[i] of that lane's mma: rows 16 rb + lane // 4 (+ 8 for i >= 2), x row 8 cb + 2 (lane % 4) + i % 2),
-    and the mask of the ones inside the output."""
-    ci = tl.arange(0, 128)
-    li = ci // 4
-    i = ci % 4
-    n = rb[:, None] * 16 + (li // 4)[None, :] + (8 * (i // 2))[None, :]
-    m = (8 * cb + 2 * (li % 4) + i % 2)[None, :]
-    return m * N + n, (rb < NB)[:, None] & (m < M)
-
-
-@triton.jit
-def _store_tile(out_ptr, y, rb0, M, N, NB, cb, R: tl.constexpr, PAIRED: tl.constexpr, GATED: tl.constexpr):
-    """Store the outputs ``y [R, 128]`` (fragment slots) of row blocks ``rb0 .. rb0 + R - 1``. PAIRED: the layout
-    interleaves the two halves of the rows (block 2 j is block j of the first half, 2 j + 1 block j of the
-    second): written back in the checkpoint's order, or, GATED, as ``silu(first) * second`` ([M, N / 2]: the
-    SwiGLU gate, rounded as the projection's output and ``SiluAndMul`` round)."""
-    if GATED:
-        pair = tl.reshape(y, (R // 2, 2, 128))
-        half = tl.reshape(tl.arange(0, 2), (1, 2, 1))
-        dt = out_ptr.dtype.element_ty
-        gate = tl.sum(tl.where(half == 0, pair, 0.0), axis=1).to(dt).to(tl.float32)
-        up = tl.sum(tl.where(half == 1, pair, 0.0), axis=1).to(dt).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-        offs, mask = _out_index(rb0 // 2 + tl.arange(0, R // 2), M, N // 2, NB // 2, cb)
-        tl.store(out_ptr + offs, (silu * up).to(dt), mask=mask)
-    else:
-        rb = rb0 + tl.arange(0, R)
-        if PAIRED:
-            offs, mask = _out_index(tl.where(rb % 2 == 0, rb // 2, NB // 2 + rb // 2), M, N, NB, cb)
-            mask = mask & (rb < NB)[:, None]
-        else:
-            offs, mask = _out_index(rb, M, N, NB, cb)
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _write_out(ws_ptr, out_ptr, tile, M, N, NB, num_splits, R: tl.constexpr, U: tl.constexpr, MB: tl.constexpr,
-               PAIRED: tl.constexpr = False, GATED: tl.constexpr = False):  # fmt: skip
-    """out[m, n] for the tile's rows: the fragment-ordered partials of every split and unroll slot, summed in
-    order. ws: fp32 [S, tiles, MB, R, 128 U]; element (cb, r, 128 u + 4 lane + i) is D[i] of that lane's
-    mma for column block cb (rows 8 cb.. of x) and row block r."""
-    ci = tl.arange(0, 128)
-    rb = tile * R + tl.arange(0, R)
-    tiles = tl.num_programs(0)
-    for cb in tl.static_range(MB):
-        _, live = _out_index(rb, M, N, NB, cb)
-        y = tl.zeros([R, 128], dtype=tl.float32)
-        for s in range(num_splits):
-            base = ws_ptr + (((s * tiles + tile) * MB + cb) * R) * (128 * U)
-            for uu in tl.static_range(U):
-                y += tl.load(base + tl.arange(0, R)[:, None] * (128 * U) + uu * 128 + ci[None, :], mask=live,
-                             other=0.0, cache_modifier=".cg")  # fmt: skip
-        _store_tile(out_ptr, y, tile * R, M, N, NB, cb, R, PAIRED, GATED)
-
-
 # fmt: off
 @triton.jit(do_not_specialize=["M", "G", "sb_per_split", "num_splits"])
 def _mma_kernel(
@@ -270,7 +213,7 @@ def _mma_kernel(
     DIRECT: tl.constexpr = False,  # one split: the program writes its outputs (no workspace, no counters)
     EMULATE: tl.constexpr = False,  # the Triton interpreter: emulated_step instead of the asm (CPU tests)
     MAGIC: tl.constexpr = 128,  # EMULATE: the dtype's magic value (int4_mma_layout.MAGIC_VALUE)
-    PAIRED: tl.constexpr = False,  # the layout interleaves the two halves of the rows (_store_tile)
+    PAIRED: tl.constexpr = False,  # the layout interleaves the two halves of the rows (int4_mma_epilogue.store_tile)
     GATED: tl.constexpr = False,  # PAIRED: write silu(first half) * second half, [M, N / 2]
 ):
 # fmt: on
@@ -333,7 +276,7 @@ def _mma_kernel(
     if DIRECT:  # the slices' and unroll slots' sums, then the outputs straight from them
         for cb in tl.static_range(MB):
             y = tl.sum(tl.reshape(accs[cb], (R, KS * U, 128)), axis=1)  # tile row KS r + s, slot 128 u + j
-            _store_tile(out_ptr, y, pid_n * R, M, N, NB, cb, R, PAIRED, GATED)
+            store_tile(out_ptr, y, pid_n * R, M, N, NB, cb, R, PAIRED, GATED)
     else:
         tiles = tl.num_programs(0)
         # only the accumulators of x's M rows (D[i] of lane 4g + t in column block cb is row 8 cb + 2t + i % 2):
@@ -350,14 +293,8 @@ def _mma_kernel(
             tl.debug_barrier()  # every thread's partial stored before the counter moves
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if arrived == num_splits - 1:
-                _write_out(ws_ptr, out_ptr, pid_n, M, N, NB, num_splits, R, U, MB, PAIRED, GATED)
+                write_out(ws_ptr, out_ptr, pid_n, M, N, NB, num_splits, R, U, MB, PAIRED, GATED)
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)
-
-
-@triton.jit(do_not_specialize=["M", "num_splits"])
-def _mma_out_kernel(ws_ptr, out_ptr, M, N, num_splits, R: tl.constexpr, U: tl.constexpr, MB: tl.constexpr,
-                    PAIRED: tl.constexpr = False, GATED: tl.constexpr = False):  # fmt: skip
-    _write_out(ws_ptr, out_ptr, tl.program_id(0), M, N, N // 16, num_splits, R, U, MB, PAIRED, GATED)
 
 
 MAX_M = 64  # eight column blocks of B, 8 rows of x each
@@ -477,6 +414,6 @@ def mma_matmul(
         **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
     )  # fmt: skip
     if cnt is None and not direct:
-        _mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, MB=mb, PAIRED=paired, GATED=gated,
+        mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, MB=mb, PAIRED=paired, GATED=gated,
                                   num_warps=4)  # fmt: skip
     return out
