@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/bench_int4.sh OUT_DIR [PHASE ...]
 #
-# Phases (default: tests latency roofline, about 8 min; each has its own time limit; results land in OUT_DIR):
+# Phases (default: tests latency roofline, 8-9 min; each has its own time limit; results land in OUT_DIR):
 #   tests     the CUDA tests of the int4 tensor-core kernel and of PDL (tests/quant/test_int4_mma.py,
 #             tests/kernels/test_pdl.py)
 #   kernel    benchmarks/check_int4_mma.py --quick: correctness (M = 1..64) and the M = 1 and 16 sweeps;
@@ -11,8 +11,8 @@
 #   extended  the same with --extended: prefetch depth, eviction policy, PDL on a few program shapes
 #   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16 and GPTQ (AWQ
 #             runs the same kernels) as configured by default, then with every decode kernel launched as a programmatic
-#             dependent (FRAMEWORK_PDL=1), GPTQ with SiLU-and-mul fused into gate/up (FRAMEWORK_INT4_FUSED_SILU=1)
-#             and with both; with the tuned configs of the kernel phase when it ran in the same call (TUNED=0
+#             dependent (FRAMEWORK_PDL=1), and GPTQ with SiLU-and-mul fused into gate/up
+#             (FRAMEWORK_INT4_FUSED_SILU=1); with the tuned configs of the kernel phase when it ran in the same call (TUNED=0
 #             in the environment: without them); 40-80 s each
 #   roofline  benchmarks/roofline.py: copy bandwidth for the floors
 set -u
@@ -49,7 +49,7 @@ latency() {  # latency NAME [ENV=VALUE ...] -- [framework args ...]
 
 for p in $PHASES; do
     case $p in
-    tests) phase tests 200 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/kernels/test_pdl.py ;;
+    tests) phase tests 240 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/kernels/test_pdl.py ;;
     kernel) phase kernel 240 python3 -W ignore benchmarks/check_int4_mma.py --quick --out "$OUT/kernel" ;;
     extended) phase extended 300 python3 -W ignore benchmarks/check_int4_mma.py --extended --out "$OUT/extended" ;;
     latency)
@@ -62,8 +62,6 @@ for p in $PHASES; do
         latency bf16_pdl FRAMEWORK_PDL=1 --
         latency gptq_pdl "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_PDL=1 -- --quantization gptq
         latency gptq_silu "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_INT4_FUSED_SILU=1 -- --quantization gptq
-        latency gptq_silu_pdl "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_INT4_FUSED_SILU=1 FRAMEWORK_PDL=1 -- \
-            --quantization gptq
         ;;
     roofline) phase roofline 60 python3 benchmarks/roofline.py --shape llama3-8b --workload w1 --max-num-seqs 256 ;;
     *) echo "unknown phase $p" ;;
