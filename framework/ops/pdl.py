@@ -11,8 +11,9 @@ ordinary kernel starts when that one ends too (its implicit signal). So the kern
 of them that take part follow each other: the launch and the first loads of the second overlap the end of
 the first.
 
-Off by default until measured end to end (docs/benchmarks.md); the int4 kernel alone under PDL
-(``FRAMEWORK_INT4_MMA_PDL=1``) was slower, because nothing before it signalled early.
+Off by default until measured end to end (docs/benchmarks.md); the int4 kernel alone under PDL (session 14's
+``FRAMEWORK_INT4_MMA_PDL=1``, since replaced by this) made batch-1 decode slower on an H200 (2.76 against
+2.68 ms), because nothing before it signalled early.
 """
 
 from __future__ import annotations

@@ -171,9 +171,7 @@ def _triton_matmul() -> Callable | None:
 
 def apply_int_weight(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for a layer in the layout above; ``x`` is ``[..., K]``."""
-    x2d = x.reshape(-1, x.shape[-1])
-    if layer.perm is not None:
-        x2d = x2d.index_select(1, layer.perm)
+    x2d = _code_order(layer, x)
     out = _apply_mma(layer, x2d) if getattr(layer, "mma_qweight", None) is not None else None
     if out is None:
         matmul = _triton_matmul() if x.is_cuda else None
@@ -193,24 +191,20 @@ def apply_int_silu(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None 
     caller runs the projection and SiluAndMul)."""
     if not getattr(layer, "mma_paired", False) or bias is not None:
         return None
-    from plugins.quant import int4_mma
+    out = _apply_mma(layer, _code_order(layer, x), gated=True)
+    return None if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
 
+
+def _code_order(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[rows, K]`` with its inputs in the codes' order (act-order checkpoints reorder them)."""
     x2d = x.reshape(-1, x.shape[-1])
-    if layer.perm is not None:  # act-order: the inputs in the codes' order
-        x2d = x2d.index_select(1, layer.perm)
-    m = x2d.shape[0]
-    if not 0 < m <= int4_mma.LAYER_MAX_M or x2d.dtype != layer.scales.dtype:
-        return None
-    rows = x2d.contiguous()
-    if not int4_mma.aligned(rows):
-        return None
-    out = int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size, paired=True, gated=True)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return x2d if layer.perm is None else x2d.index_select(1, layer.perm)
 
 
-def _apply_mma(layer: nn.Module, x2d: torch.Tensor) -> torch.Tensor | None:
-    """``x2d @ W^T`` from the tensor-core copy (``plugins.quant.int4_mma``), or None where the other kernels
-    take the step (more rows than the kernel is sent, another dtype, unaligned rows, no rows) with ``qweight``."""
+def _apply_mma(layer: nn.Module, x2d: torch.Tensor, gated: bool = False) -> torch.Tensor | None:
+    """``x2d @ W^T`` (``gated``: ``silu(gate) * up`` of it, paired layers only) from the tensor-core copy
+    (``plugins.quant.int4_mma``), or None where the other kernels take the step (more rows than the kernel is
+    sent, another dtype, unaligned rows, no rows) with ``qweight``."""
     from plugins.quant import int4_mma, int4_mma_layout
 
     only = layer.qweight is None  # the single-copy layout (SINGLE_COPY): every step goes through this copy
@@ -220,8 +214,9 @@ def _apply_mma(layer: nn.Module, x2d: torch.Tensor) -> torch.Tensor | None:
         if only and not int4_mma.aligned(rows):
             rows = rows.clone()  # a fresh allocation is aligned
         if int4_mma.aligned(rows):
-            return int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size, paired=getattr(layer, "mma_paired", False))
-    if not only:
+            paired = getattr(layer, "mma_paired", False)
+            return int4_mma.matmul(rows, layer.mma_qweight, layer.mma_szp, layer.group_size, paired=paired, gated=gated)
+    if not only or gated:
         return None
     if m == 0:
         return x2d.new_empty((0, layer.mma_qweight.shape[0] * 16))

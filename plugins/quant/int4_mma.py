@@ -303,11 +303,6 @@ MAX_M = 64  # eight column blocks of B, 8 rows of x each
 # (docs/benchmarks.md: e.g. gate_up 42.4 against 75.8 us at 32 rows); at 64 rows the tiled kernel won at every
 # shape (gate_up 84.4 against 90.3 us), and batch-64 decode was slower with 64 here (7.41 against 7.00 ms).
 LAYER_MAX_M = min(MAX_M, int(os.environ.get("FRAMEWORK_INT4_MMA_MAX_M", "32")))
-# FRAMEWORK_INT4_MMA_PDL=1: launch as a programmatic dependent launch on sm_90+, so that a kernel's weight
-# loads start while the kernel before it finishes (also inside CUDA graphs). Off by default: alone (the kernels
-# before it do not trigger their dependents early) it made batch-1 decode slower on an H200 (2.76 against
-# 2.68 ms), though the kernel by itself was up to 0.8 us faster.
-PDL = os.environ.get("FRAMEWORK_INT4_MMA_PDL", "0") == "1"
 
 
 def aligned(x: torch.Tensor) -> bool:
@@ -319,17 +314,12 @@ def matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int, paired: bool = False,
     gated: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """``mma_matmul`` with the measured config for the shape."""
+    """``mma_matmul`` with the measured config for the shape, launched as a programmatic dependent where the
+    decode kernels are (``framework.ops.pdl``, ``FRAMEWORK_PDL=1``)."""
     kwargs = dict(_tuned().get((qweight.shape[0] * 16, x.shape[1]) + _band(x.shape[0]), DEFAULT))
-    if "pdl" not in kwargs and (PDL and _has_pdl(x.device) or pdl_launch.enabled(x.device)):
+    if "pdl" not in kwargs and pdl_launch.enabled(x.device):
         kwargs["pdl"] = True
     return mma_matmul(x, qweight, szp, group_size, paired=paired, gated=gated, **kwargs)
-
-
-@functools.cache
-def _has_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch (``griddepcontrol``): sm_90 and newer."""
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.cache
