@@ -7,8 +7,8 @@
 2. Timing at the Llama-3-8B linear shapes, in CUDA graphs over enough weight
    copies that L2 never holds the next one (as a decode step runs them):
    the sweep of (rows, slices, unroll, warps, split, ...) configs at M = 1
-   (--quick: and 16; full: 1, 8, 16 and 64; --m: the rows given), against the other int4 kernels (``triton_int4.int4_matmul``
-   on their layout, tuned table: the GEMV at M = 1, tiled above) and bf16
+   (--quick: and 16; full: 1, 8, 16 and 64; --m: the rows given), against the
+   other int4 kernels (``triton_int4.int4_matmul`` on their layout, tuned table: the GEMV at M = 1, tiled above) and bf16
    (``triton_gemv.gemv``, our decode GEMV, up to 8 rows, and ``F.linear``),
    with each figure's bytes and GB/s against a device-to-device copy.
 
@@ -83,7 +83,6 @@ def correctness(failures: list) -> list[dict]:
     return rows
 
 
-
 # program shapes: (16-row blocks, slices of the superblocks) a program, one tile row a warp
 SHAPES_RK = ((4, 1), (2, 1), (8, 1), (1, 2), (2, 2), (4, 2), (1, 4), (2, 4), (1, 8))
 
@@ -131,7 +130,7 @@ def sweep(bw: float, mode: str, reps: int, ms: tuple = ()) -> list[dict]:
                     continue
                 tiles = -(-(n // 16) // kw["rows"])
                 step = kw["unroll"] * kw["kslices"]
-                split = {0: 0, -1: 1}.get(wave) or max(1, min(k // 64 // step, -(-wave * sms // tiles)))
+                split = 0 if wave == 0 else 1 if wave == -1 else max(1, min(k // 64 // step, -(-wave * sms // tiles)))
                 key = json.dumps({**kw, "split": split}, sort_keys=True)
                 try:
                     us = graph_time_us(

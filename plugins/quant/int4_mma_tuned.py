@@ -9,8 +9,10 @@ import os
 
 # mma_matmul's keyword arguments by (N, K) for steps of up to 8 rows (one column block of B), and by (N, K, 16)
 # for 9..16 rows (``band``: 32 and 64 for more): the fastest of check_int4_mma.py --quick (M = 1 and 16) and
-# --m 32 on an H200 for the Llama-3-8B shapes (docs/benchmarks.md). At every shape one split won: each program
-# sums its slices itself and writes its outputs, with no workspace or arrival counter. ``depth`` and ``evict``
+# --m 32 on an H200 for the Llama-3-8B shapes (docs/benchmarks.md). Each has one split: the program sums its
+# slices itself and writes its outputs, with no workspace or arrival counter; they beat the previous split-K
+# program (DEFAULT), but the same programs with split-K are not yet timed (that sweep timed them as one split
+# by mistake: benchmarks/check_int4_mma.py, since fixed). ``depth`` and ``evict``
 # (weight words two steps ahead in registers; an evict-first weight stream) won at no shape (``--extended``);
 # neither did L2 prefetches some steps ahead (since removed).
 _ONE = {"split": 1}
