@@ -12,7 +12,7 @@
 #   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16 and GPTQ (AWQ
 #             runs the same kernels) as configured by default, then with every decode kernel launched as a programmatic
 #             dependent (FRAMEWORK_PDL=1), and GPTQ with SiLU-and-mul fused into gate/up
-#             (FRAMEWORK_INT4_FUSED_SILU=1); with the tuned configs of the kernel phase when it ran in the same call (TUNED=0
+#             (FRAMEWORK_INT4_FUSED_SILU=1), and GPTQ with both; VARIANTS="gptq gptq_pdl ..." picks some; with the tuned configs of the kernel phase when it ran in the same call (TUNED=0
 #             in the environment: without them); 40-80 s each
 #   roofline  benchmarks/roofline.py: copy bandwidth for the floors
 set -u
@@ -57,11 +57,18 @@ for p in $PHASES; do
         if [ "${TUNED:-1}" != 0 ] && [ -f "$OUT/kernel/int4_mma.json" ]; then
             TUNED_ENV=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tuned_env'])" "$OUT/kernel/int4_mma.json")
         fi
-        latency bf16 --
-        latency gptq "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" -- --quantization gptq
-        latency bf16_pdl FRAMEWORK_PDL=1 --
-        latency gptq_pdl "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_PDL=1 -- --quantization gptq
-        latency gptq_silu "FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV" FRAMEWORK_INT4_FUSED_SILU=1 -- --quantization gptq
+        T="FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV"
+        for v in ${VARIANTS:-bf16 gptq bf16_pdl gptq_pdl gptq_silu gptq_pdl_silu}; do
+            case $v in
+            bf16) latency bf16 -- ;;
+            gptq) latency gptq "$T" -- --quantization gptq ;;
+            bf16_pdl) latency bf16_pdl FRAMEWORK_PDL=1 -- ;;
+            gptq_pdl) latency gptq_pdl "$T" FRAMEWORK_PDL=1 -- --quantization gptq ;;
+            gptq_silu) latency gptq_silu "$T" FRAMEWORK_INT4_FUSED_SILU=1 -- --quantization gptq ;;
+            gptq_pdl_silu) latency gptq_pdl_silu "$T" FRAMEWORK_PDL=1 FRAMEWORK_INT4_FUSED_SILU=1 -- --quantization gptq ;;
+            *) echo "unknown latency variant $v" ;;
+            esac
+        done
         ;;
     roofline) phase roofline 60 python3 benchmarks/roofline.py --shape llama3-8b --workload w1 --max-num-seqs 256 ;;
     *) echo "unknown phase $p" ;;
