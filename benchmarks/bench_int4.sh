@@ -12,7 +12,8 @@
 #   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16 and GPTQ (AWQ
 #             runs the same kernels) as configured by default, then with every decode kernel launched as a programmatic
 #             dependent (FRAMEWORK_PDL=1), and GPTQ with SiLU-and-mul fused into gate/up
-#             (FRAMEWORK_INT4_FUSED_SILU=1), and GPTQ with both; VARIANTS="gptq gptq_pdl ..." picks some; with the tuned configs of the kernel phase when it ran in the same call (TUNED=0
+#             (FRAMEWORK_INT4_FUSED_SILU=1), and GPTQ with both; VARIANTS="gptq gptq_pdl ..." picks some (gptq_pdl_rest: PDL for all
+#             but the int4 kernel), BATCHES="1 16" the batch sizes; with the tuned configs of the kernel phase when it ran in the same call (TUNED=0
 #             in the environment: without them); 40-80 s each
 #   roofline  benchmarks/roofline.py: copy bandwidth for the floors
 set -u
@@ -43,7 +44,7 @@ latency() {  # latency NAME [ENV=VALUE ...] -- [framework args ...]
     while [ $# -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
     shift
     phase "latency_$name" 150 env ${envs[@]+"${envs[@]}"} python3 -m framework bench latency "$MODEL" "${ENGINE[@]}" \
-        --batch-sizes 1 16 32 64 256 --input-len 128 --output-len 128 --num-iters 3 "$@" \
+        --batch-sizes ${BATCHES:-1 16 32 64 256} --input-len 128 --output-len 128 --num-iters 3 "$@" \
         --output-json "$OUT/latency_$name.json"
 }
 
@@ -65,6 +66,9 @@ for p in $PHASES; do
             bf16_pdl) latency bf16_pdl FRAMEWORK_PDL=1 -- ;;
             gptq_pdl) latency gptq_pdl "$T" FRAMEWORK_PDL=1 -- --quantization gptq ;;
             gptq_silu) latency gptq_silu "$T" FRAMEWORK_INT4_FUSED_SILU=1 -- --quantization gptq ;;
+            gptq_pdl_rest)  # every decode kernel a programmatic dependent but the int4 one
+                latency gptq_pdl_rest FRAMEWORK_PDL=1 "FRAMEWORK_INT4_MMA_TUNED=$(python3 -c 'import json; from plugins.quant.int4_mma_tuned import TUNED, DEFAULT
+print(json.dumps({"x".join(map(str, k)): {**v, "pdl": False} for k, v in TUNED.items()}))')" -- --quantization gptq ;;
             gptq_pdl_silu) latency gptq_pdl_silu "$T" FRAMEWORK_PDL=1 FRAMEWORK_INT4_FUSED_SILU=1 -- --quantization gptq ;;
             *) echo "unknown latency variant $v" ;;
             esac

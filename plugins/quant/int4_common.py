@@ -151,6 +151,9 @@ def _mma_usable(device: torch.device, dtype: torch.dtype) -> bool:
 # FRAMEWORK_INT4_FUSED_SILU=1: the gate/up projection of a decode step writes silu(gate) * up itself (one kernel
 # less a layer). Checked against the reference on the CPU (the kernel interpreted); off until timed on a GPU.
 FUSED_SILU = os.environ.get("FRAMEWORK_INT4_FUSED_SILU", "0") == "1"
+# Steps of more rows run the paired projection and SiluAndMul: on an H200 the gated programs were slower from
+# 16 rows on (docs/benchmarks.md: batch-16 decode 3.72 against 3.33 ms, batch 32 5.12 against 4.37 ms).
+FUSED_SILU_MAX_M = 8
 
 # FRAMEWORK_INT4_SINGLE_COPY=1: a 4-bit layer on CUDA keeps only the tensor-core layout; steps of up to
 # int4_mma.MAX_M rows take that kernel, longer ones dequantize it (Triton) and run one GEMM. It saves the
@@ -189,7 +192,7 @@ def apply_int_silu(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None 
     """``silu(gate) * up`` of the merged gate/up projection ``x @ W^T`` in one kernel (``[..., N / 2]``), for a
     layer in the paired tensor-core layout (``gated_silu``) and a step that kernel takes; else None (the
     caller runs the projection and SiluAndMul)."""
-    if not getattr(layer, "mma_paired", False) or bias is not None:
+    if not getattr(layer, "mma_paired", False) or bias is not None or x.numel() > FUSED_SILU_MAX_M * x.shape[-1]:
         return None
     out = _apply_mma(layer, _code_order(layer, x), gated=True)
     return None if out is None else out.reshape(*x.shape[:-1], out.shape[-1])

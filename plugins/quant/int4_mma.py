@@ -361,7 +361,7 @@ def mma_matmul(
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
 
     A program takes ``rows`` 16-row blocks over ``kslices`` slices of its superblocks (``rows * kslices`` tile
-    rows, a power of two; best with one a warp), ``unroll`` superblocks a step; ``split`` programs share each
+    rows, a power of two; at most one warp each, best one each), ``unroll`` superblocks a step; ``split`` programs share each
     tile's superblocks (0: enough for about four programs a multiprocessor) and sum through a workspace, or,
     with one split, the program writes the output itself. ``paired``: the row blocks of the two halves of W
     are interleaved (``int4_mma_layout.pair_halves``); ``gated`` then gives ``silu(first) * second``, ``[M,
@@ -379,6 +379,10 @@ def mma_matmul(
         raise ValueError("gated needs the paired layout (int4_mma_layout.pair_halves)")
     if gated and rows < 2:
         rows, kslices = 2, max(1, kslices // 2)  # one (gate, up) pair a program; as many tile rows as before
+    if num_warps > rows * kslices:
+        # more warps than tile rows: the compiler spreads the tile over the warps in a layout other than the
+        # one the PTX assumes (measured on an H200: garbage, or NaN)
+        raise ValueError(f"num_warps ({num_warps}) must be at most the tile rows, rows * kslices ({rows} * {kslices})")
     emulate = not x.is_cuda  # the Triton interpreter (CPU tests): the asm's arithmetic in plain Triton
     if emulate and pdl:
         raise ValueError("pdl needs a CUDA device")

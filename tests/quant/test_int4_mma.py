@@ -139,7 +139,7 @@ def _interpreted(n, k, group, dtype, m, configs, seed=0):
         yield kw, ((out.float() - ref).abs().max() / ref.abs().max()).item()
 
 
-def test_program_shape_must_be_powers_of_two():
+def test_program_shapes_the_kernel_cannot_run_are_refused():
     q, scales, zeros = _layer(48, 256, 128, torch.float16)
     qw, szp = layout.repack(q), layout.pack_scales(scales, zeros)
     x = torch.randn(1, 256).to(torch.float16)
@@ -147,6 +147,8 @@ def test_program_shape_must_be_powers_of_two():
         int4_mma.mma_matmul(x, qw, szp, 128, rows=3, kslices=1)
     with pytest.raises(ValueError, match="powers of two"):
         int4_mma.mma_matmul(x, qw, szp, 128, rows=1, kslices=2, unroll=3)
+    with pytest.raises(ValueError, match="num_warps"):  # more warps than tile rows: a layout the PTX does not assume
+        int4_mma.mma_matmul(x, qw, szp, 128, rows=2, kslices=1, num_warps=4)
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU-only hosts (the GPU tests below run the kernel)")
@@ -184,7 +186,7 @@ def _gate_reference(gate_up: torch.Tensor) -> torch.Tensor:
     "kw",
     [
         {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4, "split": 1},  # direct epilogue
-        {"rows": 2, "unroll": 1, "split": 3},  # through the workspace
+        {"rows": 2, "unroll": 1, "split": 3, "num_warps": 2},  # through the workspace
         {"rows": 1, "kslices": 4, "unroll": 1, "num_warps": 4, "split": 1},  # one row block: gated takes two
         {"rows": 4, "unroll": 2, "split": 0},  # DEFAULT: a tile past the last pair
     ],
@@ -415,3 +417,21 @@ def test_model_runs_the_gated_gate_up_kernel(tmp_path, monkeypatch):
     # fp16 tolerance as the other half-precision engine tests (test_gptq.test_cuda_engine_fp16)
     harness.assert_matches_reference(llm, rdir, max_tokens=2 if not CUDA else 8, tol=3e-2 if not CUDA else 1e-1)
     assert True in gated_calls and False in gated_calls  # the fused gate/up, and the other projections
+
+
+def test_fused_gate_serves_steps_of_up_to_eight_rows(monkeypatch):
+    """Steps of more rows give None (the caller runs the paired projection and SiluAndMul): the gated programs
+    were slower from 16 rows on."""
+    from plugins.quant import int4_common
+
+    layer = nn.Module()
+    layer.mma_paired = True
+    seen = []
+    monkeypatch.setattr(int4_common, "_apply_mma", lambda layer, x, gated: seen.append((x.shape[0], gated)) or x[:, :2])
+    monkeypatch.setattr(int4_common, "_code_order", lambda layer, x: x.reshape(-1, x.shape[-1]))
+    assert int4_common.apply_int_silu(layer, torch.zeros(2, 4, 16)).shape == (2, 4, 2)
+    assert int4_common.apply_int_silu(layer, torch.zeros(int4_common.FUSED_SILU_MAX_M + 1, 16)) is None
+    assert int4_common.apply_int_silu(layer, torch.zeros(3, 16), bias=torch.zeros(4)) is None
+    layer.mma_paired = False
+    assert int4_common.apply_int_silu(layer, torch.zeros(3, 16)) is None
+    assert seen == [(8, True)]
