@@ -101,9 +101,6 @@ def configs(mode: str):
         if r * ks * u > 32 or mode == "quick" and u == 4 and (r, ks) not in ((4, 1), (1, 4)):
             continue
         yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks), wave
-        if mode == "quick" and wave == -1 and u <= 2:  # the weight words through the compiler's pipeline
-            for stages in (3, 5):
-                yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks, stages=stages), wave
 
 
 def sweep(bw: float, mode: str, reps: int, ms: tuple = ()) -> list[dict]:

@@ -215,7 +215,6 @@ def _mma_kernel(
     MAGIC: tl.constexpr = 128,  # EMULATE: the dtype's magic value (int4_mma_layout.MAGIC_VALUE)
     PAIRED: tl.constexpr = False,  # the layout interleaves the two halves of the rows (int4_mma_epilogue.store_tile)
     GATED: tl.constexpr = False,  # PAIRED: write silu(first half) * second half, [M, N / 2]
-    STAGES: tl.constexpr = 1,  # > 1: the weight words through the compiler's pipeline, STAGES - 1 steps ahead
 ):
 # fmt: on
     # Every tensor of the main loop is [R KS, 128 U] and reaches memory only through loads and stores contiguous
@@ -249,9 +248,8 @@ def _mma_kernel(
     x_step = sxm.to(tl.int64) * 16  # bytes between rows g and g + 8
     x_dead = g - M  # >= 0: B's column is past M (zeros)
     z_rows = (sz_ptr + (tl.minimum(rb, NB - 1)[:, None] * G * 8 + g[None, :]) * 2).to(tl.int64, bitcast=True)
-    if STAGES == 1:
-        qw = _load_words(w_rows, c, rb_mask, sb, sb1, u, EVICT)
-    if DEPTH == 2 and STAGES == 1:  # the step after the first, in flight too
+    qw = _load_words(w_rows, c, rb_mask, sb, sb1, u, EVICT)
+    if DEPTH == 2:  # the step after the first, in flight too
         qw_later = _load_words(w_rows, c, rb_mask, sb + U, sb1, u, EVICT)
     if PDL:
         # The previous kernel may still run: the weights and scales are read-only, so their first loads are
@@ -260,36 +258,21 @@ def _mma_kernel(
         tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.b32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
                                   pack=1)  # fmt: skip
     xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, PDL, EMULATE)
-    if STAGES > 1:
-        # the compiler's software pipeline: weight words STAGES - 1 steps ahead, copied asynchronously into
-        # shared memory (no registers held for them); activations and scales a step ahead, as below
-        sb0 = sb
-        for i in tl.range(0, per_ks, U, num_stages=STAGES):
-            sbi = sb0 + i
-            qw = _load_words(w_rows, c, rb_mask, sbi, sb1, u, EVICT)
-            xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, sbi + U, sb1, u, K, GROUP, MB, PDL, EMULATE)
-            if EMULATE:
-                accs = emulated_step(qw, accs, x_ptr, sxm, sz_ptr, rb, NB, G, sbi, sb1, c, M, K, GROUP, MAGIC, R * KS,
-                                      U, MB)  # fmt: skip
-            else:
-                accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
-            xvs, zv = xvs_next, zv_next
-    else:
-        for _ in range(0, per_ks, U):
-            nxt = sb + U  # the next step's loads are in flight while this step computes
-            if DEPTH == 2:
-                qw_next = qw_later
-                qw_later = _load_words(w_rows, c, rb_mask, sb + 2 * U, sb1, u, EVICT)
-            else:
-                qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
-            xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL, EMULATE)
-            if EMULATE:
-                accs = emulated_step(qw, accs, x_ptr, sxm, sz_ptr, rb, NB, G, sb, sb1, c, M, K, GROUP, MAGIC, R * KS, U,
-                                      MB)  # fmt: skip
-            else:
-                accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
-            qw, xvs, zv = qw_next, xvs_next, zv_next
-            sb = nxt
+    for _ in range(0, per_ks, U):
+        nxt = sb + U  # the next step's loads are in flight while this step computes
+        if DEPTH == 2:
+            qw_next = qw_later
+            qw_later = _load_words(w_rows, c, rb_mask, sb + 2 * U, sb1, u, EVICT)
+        else:
+            qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
+        xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL, EMULATE)
+        if EMULATE:
+            accs = emulated_step(qw, accs, x_ptr, sxm, sz_ptr, rb, NB, G, sb, sb1, c, M, K, GROUP, MAGIC, R * KS, U,
+                                  MB)  # fmt: skip
+        else:
+            accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
+        qw, xvs, zv = qw_next, xvs_next, zv_next
+        sb = nxt
     if DIRECT:  # the slices' and unroll slots' sums, then the outputs straight from them
         for cb in tl.static_range(MB):
             y = tl.sum(tl.reshape(accs[cb], (R, KS * U, 128)), axis=1)  # tile row KS r + s, slot 128 u + j
@@ -373,7 +356,7 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
 def mma_matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
-    pdl: bool = False, kslices: int = 1, paired: bool = False, gated: bool = False, stages: int = 1,
+    pdl: bool = False, kslices: int = 1, paired: bool = False, gated: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
 
@@ -421,7 +404,7 @@ def mma_matmul(
         M, N, K, x.stride(0), szp.shape[1], per, splits, 2 * K,
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
         DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, PAIRED=paired, GATED=gated,
-        STAGES=stages, num_warps=num_warps, num_stages=1,
+        num_warps=num_warps, num_stages=1,
         **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
     )  # fmt: skip
     if cnt is None and not direct:

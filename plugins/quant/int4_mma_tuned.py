@@ -53,8 +53,7 @@ def band(m: int) -> tuple[int, ...]:
 
 # Program shapes every correctness check of the kernel runs (the GPU tests, check_int4_mma.py), besides the
 # table's: DEFAULT, the launcher's split-K (split 0), a given split, one split (no workspace), two steps in
-# flight, an evict-first stream, slices of K with and without a split, PDL (sm_90+ only), and the weight
-# words through the compiler's software pipeline (stages), with and without a split.
+# flight, an evict-first stream, slices of K with and without a split, and PDL (sm_90+ only).
 CHECKED = [
     DEFAULT,
     {"rows": 4, "unroll": 1, "split": 1},
@@ -66,6 +65,4 @@ CHECKED = [
     {"rows": 2, "unroll": 1, "split": 3, "num_warps": 4, "kslices": 2},
     {"rows": 1, "unroll": 2, "split": 0, "num_warps": 8, "kslices": 8},
     {"rows": 4, "unroll": 2, "split": 3, "pdl": True},
-    {"rows": 2, "unroll": 2, "split": 1, "num_warps": 4, "kslices": 2, "stages": 4},
-    {"rows": 4, "unroll": 1, "split": 3, "stages": 3},
 ]
