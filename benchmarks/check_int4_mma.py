@@ -101,6 +101,8 @@ def configs(mode: str):
         if r * ks * u > 32 or mode == "quick" and u == 4 and (r, ks) not in ((4, 1), (1, 4)):
             continue
         yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks), wave
+        if mode == "quick" and r * ks >= 2 and u <= 2:  # fewer warps than tile rows: more loads in flight a thread
+            yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks // 2), wave
 
 
 def sweep(bw: float, mode: str, reps: int, ms: tuple = ()) -> list[dict]:
