@@ -10,8 +10,8 @@
 #             prints the FRAMEWORK_INT4_MMA_TUNED line of the best configs
 #   extended  the same with --extended: prefetch depth, eviction policy, PDL on a few program shapes
 #   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16 and GPTQ (AWQ
-#             runs the same kernels) as configured by default, GPTQ without SiLU-and-mul fused into gate/up
-#             (FRAMEWORK_INT4_FUSED_SILU=0), then bf16 and GPTQ with every decode kernel launched as a programmatic
+#             runs the same kernels) as configured by default, GPTQ with SiLU-and-mul fused into gate/up
+#             (FRAMEWORK_INT4_FUSED_SILU=1), then bf16 and GPTQ with every decode kernel launched as a programmatic
 #             dependent (FRAMEWORK_PDL=1); VARIANTS="bf16 gptq ..." picks some (also gptq_pdl_rest: PDL for all
 #             but the int4 kernel), BATCHES="1 16" the batch sizes; with the tuned configs of the kernel phase
 #             when it ran in the same call (TUNED=0 in the environment: without them); 30-80 s each
@@ -59,13 +59,13 @@ for p in $PHASES; do
             TUNED_ENV=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tuned_env'])" "$OUT/kernel/int4_mma.json")
         fi
         T="FRAMEWORK_INT4_MMA_TUNED=$TUNED_ENV"
-        for v in ${VARIANTS:-bf16 gptq gptq_unfused bf16_pdl gptq_pdl}; do
+        for v in ${VARIANTS:-bf16 gptq gptq_silu bf16_pdl gptq_pdl}; do
             case $v in
             bf16) latency bf16 -- ;;
             gptq) latency gptq "$T" -- --quantization gptq ;;
             bf16_pdl) latency bf16_pdl FRAMEWORK_PDL=1 -- ;;
             gptq_pdl) latency gptq_pdl "$T" FRAMEWORK_PDL=1 -- --quantization gptq ;;
-            gptq_unfused) latency gptq_unfused "$T" FRAMEWORK_INT4_FUSED_SILU=0 -- --quantization gptq ;;
+            gptq_silu) latency gptq_silu "$T" FRAMEWORK_INT4_FUSED_SILU=1 -- --quantization gptq ;;
             gptq_pdl_rest)  # every decode kernel a programmatic dependent but the int4 one
                 latency gptq_pdl_rest FRAMEWORK_PDL=1 "FRAMEWORK_INT4_MMA_TUNED=$(python3 -c 'import json; from plugins.quant.int4_mma_tuned import TUNED, DEFAULT
 print(json.dumps({"x".join(map(str, k)): {**v, "pdl": False} for k, v in TUNED.items()}))')" -- --quantization gptq ;;

@@ -148,10 +148,12 @@ def _mma_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and int4_mma.usable(device, dtype)
 
 
-# The gate/up projection of a decode step writes silu(gate) * up itself (one kernel less a layer): batch-1
-# decode 2.581 -> 2.538 ms and 2.588 -> 2.549 ms on an H200 in two runs (docs/benchmarks.md).
-# FRAMEWORK_INT4_FUSED_SILU=0 turns it off.
-FUSED_SILU = os.environ.get("FRAMEWORK_INT4_FUSED_SILU", "1") == "1"
+# FRAMEWORK_INT4_FUSED_SILU=1: the gate/up projection of a decode step writes silu(gate) * up itself (one kernel
+# less a layer). On an H200 (docs/benchmarks.md) batch-1 decode gained 1.5% (2.581 -> 2.538 ms, 2.588 -> 2.549
+# ms) but batch 32 lost 14% (4.381 -> 4.983 ms): the paired layout's plain output at 17-32 rows is slower. The
+# likely cause, from a local compile for sm_90 (not profiled): that program takes 136 registers instead of
+# 128, so three programs fit a multiprocessor instead of four. Off by default.
+FUSED_SILU = os.environ.get("FRAMEWORK_INT4_FUSED_SILU", "0") == "1"
 # Steps of more rows run the paired projection and SiluAndMul: on an H200 the gated programs were slower from
 # 16 rows on (docs/benchmarks.md: batch-16 decode 3.72 against 3.33 ms, batch 32 5.12 against 4.37 ms).
 FUSED_SILU_MAX_M = 8

@@ -9,22 +9,23 @@ import os
 
 # mma_matmul's keyword arguments by (N, K) for steps of up to 8 rows (one column block of B), and by (N, K, 16)
 # for 9..16 rows (``band``: 32 and 64 for more): the fastest of check_int4_mma.py --quick (M = 1 and 16) and
-# --m 32 on an H200 for the Llama-3-8B shapes (docs/benchmarks.md). Each has one split: the program sums its
-# slices itself and writes its outputs, with no workspace or arrival counter; they beat the previous split-K
-# program (DEFAULT), but the same programs with split-K are not yet timed (that sweep timed them as one split
-# by mistake: benchmarks/check_int4_mma.py, since fixed). ``depth`` and ``evict``
-# (weight words two steps ahead in registers; an evict-first weight stream) won at no shape (``--extended``);
-# neither did L2 prefetches some steps ahead (since removed).
+# --m 32 on an H200 for the Llama-3-8B shapes (docs/benchmarks.md). Without "split", the launcher's split-K
+# (enough programs for about four a multiprocessor); with one split the program sums its slices itself and
+# writes its outputs (no workspace or arrival counter). Warps may take more than one tile row (rows * kslices
+# / num_warps): the 1-8 and 9-16 row programs below that do won the 2026-11-21 17:23Z sweep (e.g. down at
+# M = 1 15.15 against 16.15 us, o at M = 16 8.58 against 9.58 us). ``depth`` and ``evict`` (weight words two
+# steps ahead in registers; an evict-first weight stream) won at no shape (``--extended``); neither did L2
+# prefetches some steps ahead, nor the weight stream through the compiler's software pipeline (since removed).
 _ONE = {"split": 1}
 TUNED: dict[tuple[int, ...], dict] = {
     (6144, 4096): {"rows": 1, "kslices": 4, "unroll": 4, "num_warps": 4, **_ONE},
     (4096, 4096): {"rows": 1, "kslices": 4, "unroll": 4, "num_warps": 4, **_ONE},
-    (28672, 4096): {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4, **_ONE},
-    (4096, 14336): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 8, **_ONE},
-    (6144, 4096, 16): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
-    (4096, 4096, 16): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
-    (28672, 4096, 16): {"rows": 1, "kslices": 2, "unroll": 1, "num_warps": 2, **_ONE},
-    (4096, 14336, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 8, **_ONE},
+    (28672, 4096): {"rows": 1, "kslices": 8, "unroll": 1, "num_warps": 4, **_ONE},
+    (4096, 14336): {"rows": 2, "kslices": 4, "unroll": 2, "num_warps": 4},
+    (6144, 4096, 16): {"rows": 1, "kslices": 8, "unroll": 1, "num_warps": 4, **_ONE},
+    (4096, 4096, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, **_ONE},
+    (28672, 4096, 16): {"rows": 1, "kslices": 2, "unroll": 1, "num_warps": 2},
+    (4096, 14336, 16): {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4},
     (6144, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 1, "num_warps": 4, **_ONE},
     (4096, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
     (28672, 4096, 32): {"rows": 4, "kslices": 1, "unroll": 2, "num_warps": 4, **_ONE},
