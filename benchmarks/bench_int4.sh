@@ -13,7 +13,7 @@
 #             runs the same kernels) as configured by default, GPTQ with SiLU-and-mul fused into gate/up
 #             (FRAMEWORK_INT4_FUSED_SILU=1), then bf16 and GPTQ with every decode kernel launched as a programmatic
 #             dependent (FRAMEWORK_PDL=1); VARIANTS="bf16 gptq ..." picks some (also gptq_pdl_rest: PDL for all
-#             but the int4 kernel), BATCHES="1 16" the batch sizes; with the tuned configs of the kernel phase
+#             but the int4 kernel; gptq_silu_cap: the fused gate with its 17-32 row program capped at 128 registers), BATCHES="1 16" the batch sizes; with the tuned configs of the kernel phase
 #             when it ran in the same call (TUNED=0 in the environment: without them); 30-80 s each
 #   roofline  benchmarks/roofline.py: copy bandwidth for the floors
 set -u
@@ -66,6 +66,12 @@ for p in $PHASES; do
             bf16_pdl) latency bf16_pdl FRAMEWORK_PDL=1 -- ;;
             gptq_pdl) latency gptq_pdl "$T" FRAMEWORK_PDL=1 -- --quantization gptq ;;
             gptq_silu) latency gptq_silu "$T" FRAMEWORK_INT4_FUSED_SILU=1 -- --quantization gptq ;;
+            gptq_silu_cap)  # the fused gate, its 17-32 row gate/up program capped at 128 registers (4 programs an SM)
+                latency gptq_silu_cap FRAMEWORK_INT4_FUSED_SILU=1 "FRAMEWORK_INT4_MMA_TUNED=$(python3 -c 'import json, sys
+from plugins.quant.int4_mma_tuned import TUNED
+env = json.loads(sys.argv[1] or "{}")
+env["28672x4096x32"] = {**TUNED[(28672, 4096, 32)], "maxnreg": 128}
+print(json.dumps(env))' "$TUNED_ENV")" -- --quantization gptq ;;
             gptq_pdl_rest)  # every decode kernel a programmatic dependent but the int4 one
                 latency gptq_pdl_rest FRAMEWORK_PDL=1 "FRAMEWORK_INT4_MMA_TUNED=$(python3 -c 'import json; from plugins.quant.int4_mma_tuned import TUNED, DEFAULT
 print(json.dumps({"x".join(map(str, k)): {**v, "pdl": False} for k, v in TUNED.items()}))')" -- --quantization gptq ;;

@@ -103,6 +103,10 @@ def configs(mode: str):
         yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks), wave
         if mode == "quick" and r * ks >= 2 and u <= 2:  # fewer warps than tile rows: more loads in flight a thread
             yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks // 2), wave
+            # and this step's activations loaded in the step: registers freed for the weights in flight
+            yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks // 2, xjit=True), wave
+        if mode == "quick" and u == 4:
+            yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks, xjit=True), wave
 
 
 def sweep(bw: float, mode: str, reps: int, ms: tuple = ()) -> list[dict]:

@@ -215,6 +215,7 @@ def _mma_kernel(
     MAGIC: tl.constexpr = 128,  # EMULATE: the dtype's magic value (int4_mma_layout.MAGIC_VALUE)
     PAIRED: tl.constexpr = False,  # the layout interleaves the two halves of the rows (int4_mma_epilogue.store_tile)
     GATED: tl.constexpr = False,  # PAIRED: write silu(first half) * second half, [M, N / 2]
+    XJIT: tl.constexpr = False,  # load each step's activations in that step (the scales stay a step ahead)
 ):
 # fmt: on
     # Every tensor of the main loop is [R KS, 128 U] and reaches memory only through loads and stores contiguous
@@ -266,6 +267,8 @@ def _mma_kernel(
         else:
             qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
         xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL, EMULATE)
+        if XJIT:  # this step's activations now (L1 hits), not a step ahead: fewer registers held across the loop
+            xvs, _ = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, PDL, EMULATE)
         if EMULATE:
             accs = emulated_step(qw, accs, x_ptr, sxm, sz_ptr, rb, NB, G, sb, sb1, c, M, K, GROUP, MAGIC, R * KS, U,
                                   MB)  # fmt: skip
@@ -356,7 +359,8 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
 def mma_matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
-    pdl: bool = False, kslices: int = 1, paired: bool = False, gated: bool = False,
+    pdl: bool = False, kslices: int = 1, paired: bool = False, gated: bool = False, xjit: bool = False,
+    maxnreg: int = 0,
 ) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
 
@@ -365,7 +369,9 @@ def mma_matmul(
     tile's superblocks (0: enough for about four programs a multiprocessor) and sum through a workspace, or,
     with one split, the program writes the output itself. ``paired``: the row blocks of the two halves of W
     are interleaved (``int4_mma_layout.pair_halves``); ``gated`` then gives ``silu(first) * second``, ``[M,
-    N / 2]`` (a program takes at least two row blocks: one pair)."""
+    N / 2]`` (a program takes at least two row blocks: one pair). ``xjit``: each step loads its own
+    activations (L1 hits) instead of holding the next step's in registers; ``maxnreg``: a cap on the registers
+    a thread (0: the compiler's choice), so that more programs fit a multiprocessor."""
     M, K = x.shape
     nb = qweight.shape[0]
     N = nb * 16
@@ -405,7 +411,9 @@ def mma_matmul(
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
         DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, PAIRED=paired, GATED=gated,
         num_warps=num_warps, num_stages=1,
+        XJIT=xjit,
         **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
+        **({"maxnreg": maxnreg} if maxnreg and not emulate else {}),
     )  # fmt: skip
     if cnt is None and not direct:
         mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, MB=mb, PAIRED=paired, GATED=gated,

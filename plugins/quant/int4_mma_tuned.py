@@ -55,7 +55,7 @@ def band(m: int) -> tuple[int, ...]:
 # Program shapes every correctness check of the kernel runs (the GPU tests, check_int4_mma.py), besides the
 # table's: DEFAULT, the launcher's split-K (split 0), a given split, one split (no workspace), two steps in
 # flight, an evict-first stream, slices of K with and without a split, PDL (sm_90+ only),
-# and warps that take more than one tile row.
+# warps that take more than one tile row, activations loaded in their own step (xjit), and a register cap.
 CHECKED = [
     DEFAULT,
     {"rows": 4, "unroll": 1, "split": 1},
@@ -69,4 +69,6 @@ CHECKED = [
     {"rows": 4, "unroll": 2, "split": 3, "pdl": True},
     {"rows": 4, "kslices": 2, "unroll": 2, "split": 1, "num_warps": 4},  # two tile rows a warp
     {"rows": 2, "kslices": 2, "unroll": 1, "split": 3, "num_warps": 1},
+    {"rows": 1, "kslices": 8, "unroll": 2, "split": 1, "num_warps": 4, "xjit": True},
+    {"rows": 4, "unroll": 2, "split": 3, "xjit": True, "maxnreg": 96},
 ]
