@@ -9,6 +9,8 @@
 #   kernel    benchmarks/check_int4_mma.py --quick: correctness (M = 1..64) and the M = 1 and 16 sweeps;
 #             prints the FRAMEWORK_INT4_MMA_TUNED line of the best configs
 #   extended  the same with --extended: prefetch depth, eviction policy, PDL on a few program shapes
+#   inflight  the same with --inflight (M = 1): warps over 2 or 4 tile rows, xjit and depth 2 on 12 program
+#             shapes, one split; its tuned configs feed the latency phase as the kernel phase's do
 #   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16 and GPTQ (AWQ
 #             runs the same kernels) as configured by default, GPTQ with SiLU-and-mul fused into gate/up
 #             (FRAMEWORK_INT4_FUSED_SILU=1), then bf16 and GPTQ with every decode kernel launched as a programmatic
@@ -53,6 +55,7 @@ for p in $PHASES; do
     tests) phase tests 240 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/kernels/test_pdl.py ;;
     kernel) phase kernel 240 python3 -W ignore benchmarks/check_int4_mma.py --quick --out "$OUT/kernel" ;;
     extended) phase extended 300 python3 -W ignore benchmarks/check_int4_mma.py --extended --out "$OUT/extended" ;;
+    inflight) phase inflight 300 python3 -W ignore benchmarks/check_int4_mma.py --inflight --out "$OUT/kernel" ;;
     latency)
         TUNED_ENV=""
         if [ "${TUNED:-1}" != 0 ] && [ -f "$OUT/kernel/int4_mma.json" ]; then

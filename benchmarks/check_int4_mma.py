@@ -12,7 +12,7 @@
    (``triton_gemv.gemv``, our decode GEMV, up to 8 rows, and ``F.linear``),
    with each figure's bytes and GB/s against a device-to-device copy.
 
-    python3 benchmarks/check_int4_mma.py [--out DIR] [--quick | --extended]
+    python3 benchmarks/check_int4_mma.py [--out DIR] [--quick | --extended | --inflight]
 
 The best config of each shape is printed (``best``) as ``mma_matmul`` keywords
 with its split; ``FRAMEWORK_INT4_MMA_TUNED='{"NxK": {...}}'`` runs the engine
@@ -96,6 +96,17 @@ def configs(mode: str):
         for (r, ks), u, (depth, evict, pdl), wave in grid:
             yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks, depth=depth, evict=evict, pdl=pdl), wave
         return
+    if mode == "inflight":  # more weight loads in flight a thread: warps over 2 or 4 tile rows, xjit, depth 2
+        for (r, ks), u in itertools.product(SHAPES_RK + ((1, 16), (2, 8), (4, 4)), (1, 2, 4)):
+            rows = r * ks
+            if rows * u > 64 or rows < 2:
+                continue
+            for w in sorted({rows, max(1, rows // 2), max(1, rows // 4)} & {1, 2, 4, 8}):
+                for xjit, depth in ((False, 1), (True, 1), (True, 2)):
+                    if depth == 2 and u == 4 or xjit and w == rows and u < 4:
+                        continue
+                    yield dict(rows=r, kslices=ks, unroll=u, num_warps=w, xjit=xjit, depth=depth), -1  # one split
+        return
     waves = (0, -1, 1, 2, 4) if mode == "full" else (0, -1)
     for (r, ks), u, wave in itertools.product(SHAPES_RK, (1, 2, 4), waves):
         if r * ks * u > 32 or mode == "quick" and u == 4 and (r, ks) not in ((4, 1), (1, 4)):
@@ -172,6 +183,8 @@ def main() -> int:
     ap.add_argument("--m", type=int, nargs="*", default=[], help="the rows of x to time (default: the mode's)")
     ap.add_argument("--quick", action="store_true", help="fewer configs, M = 1 and 16")
     ap.add_argument("--extended", action="store_true", help="prefetch depth, eviction policy, PDL on a few program shapes (M = 1)")
+    ap.add_argument("--inflight", action="store_true",
+                    help="warps over several tile rows, xjit and depth 2 on many program shapes (M = 1)")  # fmt: skip
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args()
@@ -190,7 +203,7 @@ def main() -> int:
         bw = copy_bandwidth()
         print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
         result["copy_gbps"] = bw / 1e9
-        mode = "extended" if args.extended else "quick" if args.quick else "full"
+        mode = "extended" if args.extended else "inflight" if args.inflight else "quick" if args.quick else "full"
         result["sweep"] = sweep(bw, mode, args.reps, tuple(args.m))
         # the split is left to the launcher, but for one split (no workspace: a different program)
         tuned = {"x".join(map(str, (r["n"], r["k"]) + int4_mma._band(r["m"]))):
