@@ -9,7 +9,7 @@
 #   kernel    benchmarks/check_int4_mma.py --quick: correctness (M = 1..64) and the M = 1 and 16 sweeps;
 #             prints the FRAMEWORK_INT4_MMA_TUNED line of the best configs
 #   extended  the same with --extended: prefetch depth, eviction policy, PDL on a few program shapes
-#   inflight  the same with --inflight (M = 1): warps over 2 or 4 tile rows, xjit and depth 2 on 12 program
+#   inflight  the same with --inflight (M = 1): warps over 2 tile rows, xjit, barrier (and depth 2) on 12 program
 #             shapes, one split; its tuned configs feed the latency phase as the kernel phase's do
 #   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16 and GPTQ (AWQ
 #             runs the same kernels) as configured by default, GPTQ with SiLU-and-mul fused into gate/up

@@ -96,16 +96,17 @@ def configs(mode: str):
         for (r, ks), u, (depth, evict, pdl), wave in grid:
             yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks, depth=depth, evict=evict, pdl=pdl), wave
         return
-    if mode == "inflight":  # more weight loads in flight a thread: warps over 2 or 4 tile rows, xjit, depth 2
+    if mode == "inflight":  # more weight loads in flight a thread: warps over 2 tile rows, xjit, barrier (+ depth 2)
         for (r, ks), u in itertools.product(SHAPES_RK + ((1, 16), (2, 8), (4, 4)), (1, 2, 4)):
             rows = r * ks
             if rows * u > 64 or rows < 2:
                 continue
-            for w in sorted({rows, max(1, rows // 2), max(1, rows // 4)} & {1, 2, 4, 8}):
-                for xjit, depth in ((False, 1), (True, 1), (True, 2)):
+            for w in sorted({rows, max(1, rows // 2)} & {1, 2, 4, 8}):
+                for xjit, depth, barrier in ((False, 1, False), (True, 1, False), (False, 1, True), (False, 2, True)):
                     if depth == 2 and u == 4 or xjit and w == rows and u < 4:
                         continue
-                    yield dict(rows=r, kslices=ks, unroll=u, num_warps=w, xjit=xjit, depth=depth), -1  # one split
+                    kw = dict(rows=r, kslices=ks, unroll=u, num_warps=w, xjit=xjit, depth=depth, barrier=barrier)
+                    yield kw, -1  # one split
         return
     waves = (0, -1, 1, 2, 4) if mode == "full" else (0, -1)
     for (r, ks), u, wave in itertools.product(SHAPES_RK, (1, 2, 4), waves):
@@ -118,6 +119,10 @@ def configs(mode: str):
             yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks // 2, xjit=True), wave
         if mode == "quick" and u == 4:
             yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks, xjit=True), wave
+        if mode == "quick":  # the next step's loads kept ahead of this step's mma by a barrier
+            yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks, barrier=True), wave
+            if r * ks >= 2 and u <= 2:
+                yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks // 2, barrier=True), wave
 
 
 def sweep(bw: float, mode: str, reps: int, ms: tuple = ()) -> list[dict]:
@@ -184,7 +189,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer configs, M = 1 and 16")
     ap.add_argument("--extended", action="store_true", help="prefetch depth, eviction policy, PDL on a few program shapes (M = 1)")
     ap.add_argument("--inflight", action="store_true",
-                    help="warps over several tile rows, xjit and depth 2 on many program shapes (M = 1)")  # fmt: skip
+                    help="warps over two tile rows, xjit, barrier (and depth 2) on many program shapes (M = 1)")  # fmt: skip
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args()

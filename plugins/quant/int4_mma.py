@@ -135,6 +135,7 @@ _LOAD_X_ASM_C = tl.constexpr(_LOAD_X_ASM)
 _LOAD_X_COHERENT_ASM_C = tl.constexpr(_LOAD_X_ASM.replace("ld.global.nc.", "ld.global."))
 _LOAD_X_CONSTRAINTS_C = tl.constexpr(_LOAD_X_CONSTRAINTS)
 _LOAD_Z_ASM_C = tl.constexpr(_LOAD_Z_ASM)
+_LOAD_Z_COHERENT_ASM_C = tl.constexpr(_LOAD_Z_ASM.replace("ld.global.nc.", "ld.global."))
 _LOAD_Z_CONSTRAINTS_C = tl.constexpr(_LOAD_Z_CONSTRAINTS)
 
 @triton.jit
@@ -159,8 +160,8 @@ def _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP: tl.constexpr
             )  # fmt: skip
             xvs = xvs + (xv,)
         za = z_rows + tl.minimum(sbu * 64, K - 1) // GROUP * 64  # bytes: 8 lanes x 8 a group
-        zv = tl.inline_asm_elementwise(_LOAD_Z_ASM_C, _LOAD_Z_CONSTRAINTS_C, [za], dtype=tl.int32, is_pure=True,
-                                       pack=4)  # fmt: skip
+        zv = tl.inline_asm_elementwise(_LOAD_Z_COHERENT_ASM_C if COHERENT else _LOAD_Z_ASM_C, _LOAD_Z_CONSTRAINTS_C,
+                                       [za], dtype=tl.int32, is_pure=True, pack=4)  # fmt: skip
     return xvs, zv
 
 
@@ -216,6 +217,7 @@ def _mma_kernel(
     PAIRED: tl.constexpr = False,  # the layout interleaves the two halves of the rows (int4_mma_epilogue.store_tile)
     GATED: tl.constexpr = False,  # PAIRED: write silu(first half) * second half, [M, N / 2]
     XJIT: tl.constexpr = False,  # load each step's activations in that step (the scales stay a step ahead)
+    BARRIER: tl.constexpr = False,  # XJIT, with a CTA barrier after the next step's loads: see the main loop
 ):
 # fmt: on
     # Every tensor of the main loop is [R KS, 128 U] and reaches memory only through loads and stores contiguous
@@ -266,9 +268,16 @@ def _mma_kernel(
             qw_later = _load_words(w_rows, c, rb_mask, sb + 2 * U, sb1, u, EVICT)
         else:
             qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
-        xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL, EMULATE)
-        if XJIT:  # this step's activations now (L1 hits), not a step ahead: fewer registers held across the loop
-            xvs, _ = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, PDL, EMULATE)
+        xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL or BARRIER,
+                                       EMULATE)  # fmt: skip
+        if BARRIER:
+            # Without it ptxas issues the next step's loads after this step's mma (it sinks them to their use at the
+            # loop's end; seen in the SASS), so each step waits out a DRAM round trip. Coherent loads cannot cross a
+            # CTA barrier: the weight and scale loads above stay above it, this step's activations (loaded below,
+            # in the step) and so the mma stay below.
+            tl.debug_barrier()
+        if XJIT or BARRIER:  # this step's activations now (L1 hits), not a step ahead: fewer registers held
+            xvs, _ = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, PDL or BARRIER, EMULATE)
         if EMULATE:
             accs = emulated_step(qw, accs, x_ptr, sxm, sz_ptr, rb, NB, G, sb, sb1, c, M, K, GROUP, MAGIC, R * KS, U,
                                   MB)  # fmt: skip
@@ -360,7 +369,7 @@ def mma_matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
     pdl: bool = False, kslices: int = 1, paired: bool = False, gated: bool = False, xjit: bool = False,
-    maxnreg: int = 0,
+    maxnreg: int = 0, barrier: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
 
@@ -370,8 +379,10 @@ def mma_matmul(
     with one split, the program writes the output itself. ``paired``: the row blocks of the two halves of W
     are interleaved (``int4_mma_layout.pair_halves``); ``gated`` then gives ``silu(first) * second``, ``[M,
     N / 2]`` (a program takes at least two row blocks: one pair). ``xjit``: each step loads its own
-    activations (L1 hits) instead of holding the next step's in registers; ``maxnreg``: a cap on the registers
-    a thread (0: the compiler's choice), so that more programs fit a multiprocessor."""
+    activations (L1 hits) instead of holding the next step's in registers; ``barrier``: that, with a CTA
+    barrier between the next step's loads and this step's, which keeps the next step's loads in flight during
+    this step's mma; ``maxnreg``: a cap on the registers a thread (0: the compiler's choice), so that more
+    programs fit a multiprocessor."""
     M, K = x.shape
     nb = qweight.shape[0]
     N = nb * 16
@@ -411,7 +422,7 @@ def mma_matmul(
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
         DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, PAIRED=paired, GATED=gated,
         num_warps=num_warps, num_stages=1,
-        XJIT=xjit,
+        XJIT=xjit, BARRIER=barrier,
         **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
         **({"maxnreg": maxnreg} if maxnreg and not emulate else {}),
     )  # fmt: skip

@@ -55,7 +55,8 @@ def band(m: int) -> tuple[int, ...]:
 # Program shapes every correctness check of the kernel runs (the GPU tests, check_int4_mma.py), besides the
 # table's: DEFAULT, the launcher's split-K (split 0), a given split, one split (no workspace), two steps in
 # flight, an evict-first stream, slices of K with and without a split, PDL (sm_90+ only),
-# warps that take more than one tile row, activations loaded in their own step (xjit), and a register cap.
+# warps that take more than one tile row, activations loaded in their own step (xjit), and a register cap,
+# and a barrier keeping the next step's loads ahead of this step's mma.
 CHECKED = [
     DEFAULT,
     {"rows": 4, "unroll": 1, "split": 1},
@@ -71,4 +72,6 @@ CHECKED = [
     {"rows": 2, "kslices": 2, "unroll": 1, "split": 3, "num_warps": 1},
     {"rows": 1, "kslices": 8, "unroll": 2, "split": 1, "num_warps": 4, "xjit": True},
     {"rows": 4, "unroll": 2, "split": 3, "xjit": True, "maxnreg": 96},
+    {"rows": 1, "kslices": 8, "unroll": 1, "split": 1, "num_warps": 4, "barrier": True},
+    {"rows": 2, "kslices": 2, "unroll": 2, "split": 0, "num_warps": 4, "barrier": True, "depth": 2},
 ]
