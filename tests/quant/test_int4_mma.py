@@ -435,3 +435,25 @@ def test_fused_gate_serves_steps_of_up_to_eight_rows(monkeypatch):
     layer.mma_paired = False
     assert int4_common.apply_int_silu(layer, torch.zeros(3, 16)) is None
     assert seen == [(8, True)]
+
+
+@pytest.mark.parametrize("program", [
+    {"rows": 1, "kslices": 8, "unroll": 1, "num_warps": 4},  # gate_up's at up to 8 rows: two tile rows a warp
+    {"rows": 2, "kslices": 4, "unroll": 2, "num_warps": 4, "depth": 2},
+])  # fmt: skip
+def test_barrier_keeps_the_next_steps_loads_ahead_of_the_mma(program):
+    """The kernel's sm_90 SASS, compiled here (no GPU needed): with ``barrier`` the next step's weight and
+    scale loads open the loop body, before its barrier, and every mma of the step comes after it. (Without
+    the barrier ptxas issues them after the step's mma, so the step waits out a DRAM round trip: the
+    compiler's choice, not asserted.)"""
+    import int4_sass  # tests/quant/conftest.py puts this directory on sys.path
+
+    out = int4_sass.run({**program, "barrier": True})
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    loop = out["loop"]
+    assert "B" in loop, loop
+    before, after = loop[: loop.index("B")], loop[loop.index("B") :]
+    per_thread = program["rows"] * program["kslices"] // program["num_warps"] * program["unroll"]
+    assert "M" not in before and after.count("M") >= 4, loop
+    assert before.count("W") >= per_thread and before.count("z") >= 1, loop

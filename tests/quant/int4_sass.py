@@ -1,0 +1,108 @@
+"""The main loop of the int4 tensor-core kernel as sm_90 SASS, compiled here without a GPU (the ptxas and
+nvdisasm that Triton ships), for tests that check what the compiler made of it.
+
+Run as a script (a process of its own: the tests' Triton runs in interpreter mode, which cannot compile):
+
+    python3 tests/quant/int4_sass.py '{"rows": 1, "kslices": 8, "unroll": 1, "num_warps": 4, "barrier": true}'
+
+prints JSON: ``{"loop": [...]}``, the kinds of the loop body's memory, barrier and mma instructions in
+order (``W`` a 16-byte global load: weight words, or activations where they are coherent; ``x`` a 16-byte
+non-coherent load: activations; ``z`` an 8-byte global load: scale words; ``B`` a barrier; ``M`` an
+``mma``), or ``{"skip": why}`` where this Triton cannot compile for sm_90 here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SIGNATURE = {
+    "x_ptr": "*bf16", "qw_ptr": "*i32", "sz_ptr": "*i32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+    "M": "i32", "N": "i32", "K": "i32", "sxm": "i32", "G": "i32", "sb_per_split": "i32", "num_splits": "i32",
+    "row_words": "i32",
+}  # fmt: skip
+ALIGNED = ("x_ptr", "qw_ptr", "sz_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "N", "K", "sxm", "row_words")
+
+
+def sass(cfg: dict) -> str:
+    """nvdisasm's listing of the kernel for the program ``cfg`` (mma_matmul's keywords; one split, M <= 8)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from plugins.quant import int4_mma
+
+    asm, constraints = int4_mma._asm(True, 1)
+    constexprs = {
+        "GROUP": 128, "R": cfg["rows"], "U": cfg["unroll"], "SERIAL": False, "ASM": asm, "CONSTRAINTS": constraints,
+        "DEPTH": cfg.get("depth", 1), "EVICT": "", "MB": 1, "PDL": False, "KS": cfg.get("kslices", 1), "DIRECT": True,
+        "EMULATE": False, "MAGIC": 128, "PAIRED": False, "GATED": False, "XJIT": cfg.get("xjit", False),
+        "BARRIER": cfg.get("barrier", False),
+    }  # fmt: skip
+    names = list(SIGNATURE)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}
+    source = ASTSource(fn=int4_mma._mma_kernel, signature=SIGNATURE, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": cfg["num_warps"], "num_stages": 1})  # fmt: skip
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loop_body(listing: str) -> list[str]:
+    """The instruction kinds (see the module docstring) of the loop that holds the mma, in order."""
+    lines = listing.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\.(L_x_\d+):", line.strip()))}
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\(\.(L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = lines[labels[m.group(1)] : i + 1]
+            if any("HMMA" in b for b in body):
+                kinds = []
+                for b in body:
+                    if "HMMA" in b:
+                        kinds.append("M")
+                    elif re.search(r"\bBAR\.", b):
+                        kinds.append("B")
+                    elif "LDG.E.128.CONSTANT" in b:
+                        kinds.append("x")
+                    elif "LDG.E.128" in b:
+                        kinds.append("W")
+                    elif "LDG.E.64" in b:
+                        kinds.append("z")
+                return kinds
+    raise ValueError("no loop with an mma in the listing")
+
+
+def run(cfg: dict) -> dict:
+    """``loop_body`` of ``cfg``'s program, compiled in a fresh process outside the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__, json.dumps(cfg)], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+
+        nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+        if not nvdisasm.exists():
+            print(json.dumps({"skip": f"no nvdisasm at {nvdisasm}"}))
+            sys.exit(0)
+    except ImportError as err:
+        print(json.dumps({"skip": f"no Triton NVIDIA backend: {err}"}))
+        sys.exit(0)
+    print(json.dumps({"loop": loop_body(sass(json.loads(sys.argv[1])))}))
