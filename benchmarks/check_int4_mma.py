@@ -189,7 +189,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer configs, M = 1 and 16")
     ap.add_argument("--extended", action="store_true", help="prefetch depth, eviction policy, PDL on a few program shapes (M = 1)")
     ap.add_argument("--inflight", action="store_true",
-                    help="warps over two tile rows, xjit, barrier (and depth 2) on many program shapes (M = 1)")  # fmt: skip
+                    help="warps over two tile rows, xjit, barrier (and depth 2), M = 1")  # fmt: skip
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args()

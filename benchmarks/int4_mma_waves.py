@@ -53,7 +53,8 @@ def main() -> None:
                     kw = {"rows": r, "kslices": ks, "unroll": u, "num_warps": w, "split": split}
                     before = set(compiled())
                     us = graph_time_us(
-                        [lambda qw=qw, x=x, szp=szp, kw=kw: int4_mma.mma_matmul(x, qw, szp, 128, **kw) for qw in qws], 20
+                        [lambda qw=qw, x=x, szp=szp, kw=kw: int4_mma.mma_matmul(x, qw, szp, 128, **kw) for qw in qws],
+                        20,
                     )
                     new = [kernel for key, kernel in compiled().items() if key not in before]
                     if new:

@@ -374,15 +374,15 @@ def mma_matmul(
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
 
     A program takes ``rows`` 16-row blocks over ``kslices`` slices of its superblocks (``rows * kslices`` tile
-    rows, a power of two; at most one warp each, best one each), ``unroll`` superblocks a step; ``split`` programs share each
-    tile's superblocks (0: enough for about four programs a multiprocessor) and sum through a workspace, or,
-    with one split, the program writes the output itself. ``paired``: the row blocks of the two halves of W
-    are interleaved (``int4_mma_layout.pair_halves``); ``gated`` then gives ``silu(first) * second``, ``[M,
-    N / 2]`` (a program takes at least two row blocks: one pair). ``xjit``: each step loads its own
-    activations (L1 hits) instead of holding the next step's in registers; ``barrier``: that, with a CTA
-    barrier between the next step's loads and this step's, which keeps the next step's loads in flight during
-    this step's mma; ``maxnreg``: a cap on the registers a thread (0: the compiler's choice), so that more
-    programs fit a multiprocessor."""
+    rows, a power of two; a warp takes one or more of them, never less), ``unroll`` superblocks a step;
+    ``split`` programs share each tile's superblocks (0: enough for about four programs a multiprocessor) and
+    sum through a workspace, or, with one split, the program writes the output itself. ``paired``: the row
+    blocks of the two halves of W are interleaved (``int4_mma_layout.pair_halves``); ``gated`` then gives
+    ``silu(first) * second``, ``[M, N / 2]`` (a program takes at least two row blocks: one pair). ``xjit``:
+    each step loads its own activations (L1 hits) instead of holding the next step's in registers;
+    ``barrier``: that, with a CTA barrier between the next step's loads and this step's, which keeps the next
+    step's loads in flight during this step's mma; ``maxnreg``: a cap on the registers a thread (0: the
+    compiler's choice), so that more programs fit a multiprocessor."""
     M, K = x.shape
     nb = qweight.shape[0]
     N = nb * 16

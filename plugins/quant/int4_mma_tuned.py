@@ -54,9 +54,9 @@ def band(m: int) -> tuple[int, ...]:
 
 # Program shapes every correctness check of the kernel runs (the GPU tests, check_int4_mma.py), besides the
 # table's: DEFAULT, the launcher's split-K (split 0), a given split, one split (no workspace), two steps in
-# flight, an evict-first stream, slices of K with and without a split, PDL (sm_90+ only),
-# warps that take more than one tile row, activations loaded in their own step (xjit), and a register cap,
-# and a barrier keeping the next step's loads ahead of this step's mma.
+# flight, an evict-first stream, slices of K with and without a split, PDL (sm_90+ only), warps that take
+# more than one tile row, activations loaded in their own step (xjit), a register cap, and a barrier keeping
+# the next step's loads ahead of this step's mma.
 CHECKED = [
     DEFAULT,
     {"rows": 4, "unroll": 1, "split": 1},
