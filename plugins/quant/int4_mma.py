@@ -345,10 +345,11 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
     zeros = torch.randint(0, 16, (k // group, n), generator=gen).to(dtype)
     qw, szp = repack(q), pack_scales(scales, zeros)
     table = _tuned()
-    few = [DEFAULT] + [cfg for key, cfg in table.items() if len(key) == 2]
-    more = [DEFAULT] + [cfg for key, cfg in table.items() if key[2:] == _band(LAYER_MAX_M)]
-    # one column block of B, and as many as the layers use; every program shape the table holds for each
-    for m, cfgs in ((3, few), (LAYER_MAX_M, more if LAYER_MAX_M > 8 else few)):
+    # each row band the layers use (one column block of B up to their most), with every program shape the
+    # table holds for it: the variants the decode graphs then compile anyway
+    rows = sorted({3} | {m for m in (16, 32, 64) if m <= LAYER_MAX_M} | {LAYER_MAX_M})
+    for m in rows:
+        cfgs = [DEFAULT] + [cfg for key, cfg in table.items() if key[2:] == _band(m)]
         x = torch.randn(m, k, generator=gen).to(dtype)
         ref = reference_matmul(x, qw, szp, group).float()
         for cfg in {json.dumps(c, sort_keys=True): c for c in cfgs}.values():

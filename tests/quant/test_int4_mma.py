@@ -457,3 +457,20 @@ def test_barrier_keeps_the_next_steps_loads_ahead_of_the_mma(program):
     per_thread = program["rows"] * program["kslices"] // program["num_warps"] * program["unroll"]
     assert "M" not in before and after.count("M") >= 4, loop
     assert before.count("W") >= per_thread and before.count("z") >= 1, loop
+
+
+def test_self_check_runs_every_tuned_program_in_its_row_band(monkeypatch):
+    """``usable`` (the load-time check) runs each program of the table with rows of the band it serves (the
+    1-8, 9-16 and 17-32 row programs), and DEFAULT, before the layers use them."""
+    seen = set()
+
+    def record(x, qw, szp, group, **cfg):
+        seen.add((int4_mma._band(x.shape[0]), json.dumps(cfg, sort_keys=True)))
+        return layout.reference_matmul(x, qw, szp, group)
+
+    monkeypatch.setattr(int4_mma, "mma_matmul", record)
+    assert int4_mma.usable.__wrapped__(torch.device("cpu"), torch.float16)
+    for key, cfg in int4_mma.TUNED.items():
+        if key[2:] == () or key[2] <= int4_mma.LAYER_MAX_M:
+            assert (key[2:], json.dumps(cfg, sort_keys=True)) in seen, key
+    assert ((), json.dumps(int4_mma.DEFAULT, sort_keys=True)) in seen
