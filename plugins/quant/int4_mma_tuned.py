@@ -40,11 +40,33 @@ def tuned() -> dict:
     return _parse(os.environ.get("FRAMEWORK_INT4_MMA_TUNED", ""))
 
 
+# mma_matmul's program keywords (what a table entry may give)
+KEYWORDS = frozenset(
+    ("rows", "unroll", "split", "num_warps", "depth", "evict", "pdl", "kslices", "xjit", "maxnreg", "barrier")
+)
+
+
 @functools.lru_cache(maxsize=4)
 def _parse(env: str) -> dict:
     if not env:
         return TUNED
-    return {**TUNED, **{tuple(int(v) for v in key.split("x")): dict(cfg) for key, cfg in json.loads(env).items()}}
+    where = "FRAMEWORK_INT4_MMA_TUNED"
+    try:
+        entries = json.loads(env)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not JSON ({err}): {env[:200]!r}") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{where} must be a JSON object of 'NxK' (or 'NxKx16', 'x32', 'x64') keys")
+    table = dict(TUNED)
+    for key, cfg in entries.items():
+        parts = key.split("x")
+        bands = ([], ["16"], ["32"], ["64"])
+        if not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts) or parts[2:] not in bands:
+            raise ValueError(f"{where}: key {key!r} is not 'NxK', 'NxKx16', 'NxKx32' or 'NxKx64'")
+        if not isinstance(cfg, dict) or set(cfg) - KEYWORDS:
+            raise ValueError(f"{where}[{key!r}]: a program takes only {sorted(KEYWORDS)}; got {cfg!r}")
+        table[tuple(int(p) for p in parts)] = dict(cfg)
+    return table
 
 
 def band(m: int) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ on a GPU (and by ``int4_mma.usable`` at load time).
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -20,7 +21,7 @@ from torch import nn
 
 from plugins.quant import int4_mma
 from plugins.quant import int4_mma_layout as layout
-from plugins.quant.int4_mma_tuned import CHECKED
+from plugins.quant.int4_mma_tuned import CHECKED, KEYWORDS
 from plugins.quant.int4_common import apply_int_weight, dequantize, pack_rows, set_int_layout
 
 CUDA = torch.cuda.is_available()
@@ -348,6 +349,15 @@ def test_tuned_configs_from_the_environment(monkeypatch):
     assert tuned[(6144, 4096)] == {"rows": 8, "unroll": 1, "num_warps": 8, "pdl": True}
     assert tuned == {**int4_mma.TUNED, (6144, 4096): tuned[(6144, 4096)]}
     assert int4_mma.TUNED[(6144, 4096)] != tuned[(6144, 4096)]
+    bad_values = (("{nope", "not JSON"), ('["6144x4096"]', "JSON object"), ('{"6144x4096x8": {}}', "6144x4096x8"),
+                  ('{"6144by4096": {}}', "6144by4096"), ('{"6144x4096": {"rowz": 2}}', "rowz"))  # fmt: skip
+    for bad, field in bad_values:
+        monkeypatch.setenv("FRAMEWORK_INT4_MMA_TUNED", bad)
+        with pytest.raises(ValueError, match=f"FRAMEWORK_INT4_MMA_TUNED.*{field}"):
+            int4_mma._tuned()
+    # what an entry may give is what mma_matmul takes for a program
+    operands = {"x", "qweight", "szp", "group_size", "paired", "gated"}
+    assert set(inspect.signature(int4_mma.mma_matmul).parameters) - operands == KEYWORDS
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
