@@ -53,7 +53,7 @@ latency() {  # latency NAME [ENV=VALUE ...] -- [framework args ...]
 for p in $PHASES; do
     case $p in
     tests) phase tests 240 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/kernels/test_pdl.py ;;
-    kernel) phase kernel 240 python3 -W ignore benchmarks/check_int4_mma.py --quick --out "$OUT/kernel" ;;
+    kernel) phase kernel 400 python3 -W ignore benchmarks/check_int4_mma.py --quick --out "$OUT/kernel" ;;
     extended) phase extended 300 python3 -W ignore benchmarks/check_int4_mma.py --extended --out "$OUT/extended" ;;
     inflight) phase inflight 300 python3 -W ignore benchmarks/check_int4_mma.py --inflight --out "$OUT/kernel" ;;
     latency)
