@@ -4,7 +4,7 @@
 #   bash benchmarks/bench_int4.sh OUT_DIR [PHASE ...]
 #
 # Phases (default: tests latency roofline, 8-9 min; each has its own time limit; results land in OUT_DIR):
-#   tests     the CUDA tests of the int4 tensor-core kernel and of PDL (tests/quant/test_int4_mma.py,
+#   tests     the CUDA tests of the int4 tensor-core kernel and of PDL (tests/quant/test_int4_mma*.py,
 #             tests/kernels/test_pdl.py)
 #   kernel    benchmarks/check_int4_mma.py --quick: correctness (M = 1..64) and the M = 1 and 16 sweeps;
 #             prints the FRAMEWORK_INT4_MMA_TUNED line of the best configs
@@ -52,7 +52,7 @@ latency() {  # latency NAME [ENV=VALUE ...] -- [framework args ...]
 
 for p in $PHASES; do
     case $p in
-    tests) phase tests 240 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/kernels/test_pdl.py ;;
+    tests) phase tests 240 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/quant/test_int4_mma_programs.py tests/kernels/test_pdl.py ;;
     kernel) phase kernel 400 python3 -W ignore benchmarks/check_int4_mma.py --quick --out "$OUT/kernel" ;;
     extended) phase extended 300 python3 -W ignore benchmarks/check_int4_mma.py --extended --out "$OUT/extended" ;;
     inflight) phase inflight 300 python3 -W ignore benchmarks/check_int4_mma.py --inflight --out "$OUT/kernel" ;;
