@@ -268,6 +268,7 @@ def _mma_kernel(
             qw_later = _load_words(w_rows, c, rb_mask, sb + 2 * U, sb1, u, EVICT)
         else:
             qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
+        # (with XJIT or BARRIER only the scales of these are used: the activations come in the step, below)
         xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL or BARRIER,
                                        EMULATE)  # fmt: skip
         if BARRIER:
@@ -283,7 +284,9 @@ def _mma_kernel(
                                   MB)  # fmt: skip
         else:
             accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
-        qw, xvs, zv = qw_next, xvs_next, zv_next
+        qw, zv = qw_next, zv_next
+        if not (XJIT or BARRIER):
+            xvs = xvs_next
         sb = nxt
     if DIRECT:  # the slices' and unroll slots' sums, then the outputs straight from them
         for cb in tl.static_range(MB):
