@@ -11,6 +11,10 @@
 #   extended  the same with --extended: prefetch depth, eviction policy, PDL on a few program shapes
 #   inflight  the same with --inflight (M = 1): warps over 2 tile rows, xjit, barrier (and depth 2) on 12 program
 #             shapes, one split; its tuned configs feed the latency phase as the kernel phase's do
+#   ring      the same with --ring (M = 1): the ring of two register sets, plain, with xjit or a barrier, against
+#             the table's programs; correctness checks of the ring programs only; feeds the latency phase too
+#   interleave  the same with --interleave (M = 1 and 16): the table's and the ring's best programs with slices
+#             interleaved or not; checks the ring and interleave programs only; feeds the latency phase too
 #   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16 and GPTQ (AWQ
 #             runs the same kernels) as configured by default, GPTQ with SiLU-and-mul fused into gate/up
 #             (FRAMEWORK_INT4_FUSED_SILU=1), then bf16 and GPTQ with every decode kernel launched as a programmatic
@@ -55,6 +59,9 @@ for p in $PHASES; do
     tests) phase tests 240 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/quant/test_int4_mma_programs.py tests/kernels/test_pdl.py ;;
     kernel) phase kernel 400 python3 -W ignore benchmarks/check_int4_mma.py --quick --out "$OUT/kernel" ;;
     extended) phase extended 300 python3 -W ignore benchmarks/check_int4_mma.py --extended --out "$OUT/extended" ;;
+    ring) phase ring 420 python3 -W ignore benchmarks/check_int4_mma.py --ring --checks ring --out "$OUT/kernel" ;;
+    interleave) phase interleave 420 python3 -W ignore benchmarks/check_int4_mma.py --interleave --checks ring,interleave \
+        --out "$OUT/kernel" ;;
     inflight) phase inflight 300 python3 -W ignore benchmarks/check_int4_mma.py --inflight --out "$OUT/kernel" ;;
     latency)
         TUNED_ENV=""

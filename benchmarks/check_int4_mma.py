@@ -12,7 +12,8 @@
    (``triton_gemv.gemv``, our decode GEMV, up to 8 rows, and ``F.linear``),
    with each figure's bytes and GB/s against a device-to-device copy.
 
-    python3 benchmarks/check_int4_mma.py [--out DIR] [--quick | --extended | --inflight]
+    python3 benchmarks/check_int4_mma.py [--out DIR] [--quick | --extended | --inflight | --ring | --interleave]
+        [--checks KEY,...]
 
 The best config of each shape is printed (``best``) as ``mma_matmul`` keywords
 with its split; ``FRAMEWORK_INT4_MMA_TUNED='{"NxK": {...}}'`` runs the engine
@@ -53,10 +54,10 @@ def make_layer(n: int, k: int, group: int, dtype: torch.dtype, seed: int = 0):
     return q.to(DEV), scales.to(DEV), zeros.to(DEV)
 
 
-def correctness(failures: list) -> list[dict]:
+def correctness(failures: list, only: str = "") -> list[dict]:
     rows = []
     pdl = torch.cuda.get_device_capability()[0] >= 9
-    checked = [kw for kw in CHECKED if pdl or not kw.get("pdl")]
+    checked = [kw for kw in CHECKED if (pdl or not kw.get("pdl")) and (not only or any(kw.get(o) for o in only.split(",")))]
     cases = [
         (64, 128, 64), (48, 256, 128), (160, 512, 128), (80, 320, 320), (4096, 4096, 128), (1024, 14336, 128),
     ]
@@ -95,6 +96,37 @@ def configs(mode: str):
         grid = itertools.product(((4, 1), (2, 2), (1, 4), (1, 8)), (1, 2), variants, (0, -1))
         for (r, ks), u, (depth, evict, pdl), wave in grid:
             yield dict(rows=r, kslices=ks, unroll=u, num_warps=r * ks, depth=depth, evict=evict, pdl=pdl), wave
+        return
+    if mode == "ring":  # two register sets of loads in flight (ring), plain, with xjit or with a barrier
+        for cfg in {json.dumps(c, sort_keys=True) for key, c in int4_mma.TUNED.items() if not key[2:]}:
+            kw = json.loads(cfg)  # the table's programs for 1-8 rows, as they are: the baseline
+            yield {k: v for k, v in kw.items() if k != "split"}, -1 if kw.get("split") == 1 else 0
+        for (r, ks), u in itertools.product(SHAPES_RK + ((1, 16), (2, 8)), (1, 2)):
+            rows = r * ks
+            if rows * u > 16 or rows < 2:
+                continue
+            for w in sorted({rows, rows // 2} & {1, 2, 4, 8}):
+                for extra in ({}, {"xjit": True}, {"barrier": True}):
+                    for wave in (-1, 0) if rows <= 2 else (-1,):
+                        yield dict(rows=r, kslices=ks, unroll=u, num_warps=w, ring=True, **extra), wave
+        return
+    if mode == "interleave":  # the table's programs and the ring's best, with and without interleaved slices
+        ring = [dict(rows=1, kslices=8, unroll=2, num_warps=4, ring=True, xjit=True),
+                dict(rows=1, kslices=8, unroll=2, num_warps=4, ring=True),
+                dict(rows=1, kslices=8, unroll=1, num_warps=4, ring=True),
+                dict(rows=2, kslices=2, unroll=2, num_warps=4, ring=True, xjit=True),
+                dict(rows=1, kslices=2, unroll=1, num_warps=2, ring=True, barrier=True),
+                dict(rows=1, kslices=16, unroll=1, num_warps=8, ring=True, xjit=True),
+                dict(rows=1, kslices=4, unroll=1, num_warps=4, ring=True),
+                dict(rows=2, kslices=4, unroll=1, num_warps=4, ring=True),
+                dict(rows=1, kslices=16, unroll=1, num_warps=8),
+                dict(rows=1, kslices=8, unroll=2, num_warps=4)]  # fmt: skip
+        table = [json.loads(c) for c in sorted({json.dumps(c, sort_keys=True) for c in int4_mma.TUNED.values()})]
+        for kw in table + [{**r, "split": 1} for r in ring]:
+            wave = -1 if kw.get("split") == 1 else 0  # one split, or the launcher's
+            kw = {k: v for k, v in kw.items() if k != "split"}
+            for inter in (False, True) if kw.get("kslices", 1) > 1 else (False,):
+                yield {**kw, **({"interleave": True} if inter else {})}, wave
         return
     if mode == "inflight":  # more weight loads in flight a thread: warps over 2 tile rows, xjit, barrier (+ depth 2)
         for (r, ks), u in itertools.product(SHAPES_RK + ((1, 16), (2, 8), (4, 4)), (1, 2, 4)):
@@ -139,7 +171,7 @@ def sweep(bw: float, mode: str, reps: int, ms: tuple = ()) -> list[dict]:
         old_q = pack_rows(q, 4)
         olds = [old_q.clone() for _ in range(copies)]
         w16 = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(max(2, math.ceil(3 * l2 / (n * k * 2))))]
-        for m in ms or {"full": (1, 8, 16, 64), "quick": (1, 16)}.get(mode, (1,)):
+        for m in ms or {"full": (1, 8, 16, 64), "quick": (1, 16), "interleave": (1, 16)}.get(mode, (1,)):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             row = {"shape": name, "n": n, "k": k, "m": m, "int4_bytes": nbytes_int4, "bf16_bytes": n * k * 2}
             row["old_int4_us"] = graph_time_us([lambda w=w: triton_int4.int4_matmul(x, w, s, z, group) for w in olds], reps)
@@ -190,6 +222,9 @@ def main() -> int:
     ap.add_argument("--extended", action="store_true", help="prefetch depth, eviction policy, PDL on a few program shapes (M = 1)")
     ap.add_argument("--inflight", action="store_true",
                     help="warps over two tile rows, xjit, barrier (and depth 2), M = 1")  # fmt: skip
+    ap.add_argument("--ring", action="store_true", help="the ring of two register sets (plain, xjit, barrier), M = 1")
+    ap.add_argument("--interleave", action="store_true", help="the table's and the ring's best programs, slices interleaved or not")
+    ap.add_argument("--checks", default="", help="check only the CHECKED programs that set one of these keywords (KEY,KEY...; and the table's)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args()
@@ -198,7 +233,7 @@ def main() -> int:
     faulthandler.dump_traceback_later(90, repeat=True)
     t0 = time.time()
     failures: list = []
-    checks = correctness(failures)
+    checks = correctness(failures, args.checks)
     print(f"correctness: {len(checks) - len(failures)}/{len(checks)} ok; worst err "
           f"{max(c['err'] for c in checks):.2e}; {time.time() - t0:.0f}s", flush=True)  # fmt: skip
     for f in failures[:10]:
@@ -208,7 +243,8 @@ def main() -> int:
         bw = copy_bandwidth()
         print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
         result["copy_gbps"] = bw / 1e9
-        mode = "extended" if args.extended else "inflight" if args.inflight else "quick" if args.quick else "full"
+        mode = ("extended" if args.extended else "inflight" if args.inflight else "ring" if args.ring
+                else "interleave" if args.interleave else "quick" if args.quick else "full")  # fmt: skip
         result["sweep"] = sweep(bw, mode, args.reps, tuple(args.m))
         # the split is left to the launcher, but for one split (no workspace: a different program)
         tuned = {"x".join(map(str, (r["n"], r["k"]) + int4_mma._band(r["m"]))):

@@ -193,6 +193,33 @@ def _load_words(w_rows, c, rb_mask, sb, sb1, u, EVICT: tl.constexpr):
                    other=0, eviction_policy=EVICT)  # fmt: skip
 
 
+@triton.jit
+def _ring_half(q, xv, zv, accs, sb, w_rows, c, rb_mask, lim, u, x_row, x_step, x_dead, z_rows, K, x_ptr, sxm, sz_ptr,
+               rb, NB, G, M, GROUP: tl.constexpr, MB: tl.constexpr, U: tl.constexpr, RK: tl.constexpr,
+               MAGIC: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, EVICT: tl.constexpr,
+               COHERENT: tl.constexpr, INSTEP: tl.constexpr, BARRIER: tl.constexpr, EMULATE: tl.constexpr,
+               STEP: tl.constexpr):  # fmt: skip
+    """One step of the ring (``RING``): the mma of one register set's words ``q`` and scales ``zv`` (superblock
+    ``sb``) with activations ``xv`` (or, with INSTEP, this step's, loaded here), then that set's loads for two
+    steps on (``STEP`` superblocks a step). With BARRIER a CTA barrier follows the loads: ptxas otherwise
+    issues them after the next mma."""
+    if INSTEP:
+        xs, _ = _load_step(x_row, x_step, x_dead, z_rows, sb, lim, u, K, GROUP, MB, COHERENT, EMULATE)
+    else:
+        xs = xv
+    if EMULATE:
+        accs = emulated_step(q, accs, x_ptr, sxm, sz_ptr, rb, NB, G, sb, lim, c, M, K, GROUP, MAGIC, RK, U, MB)
+    else:
+        accs = _mma_step(ASM, CONSTRAINTS, (q,) + accs + xs + (zv,), MB)
+    q = _load_words(w_rows, c, rb_mask, sb + 2 * STEP, lim, u, EVICT)
+    xn, zv = _load_step(x_row, x_step, x_dead, z_rows, sb + 2 * STEP, lim, u, K, GROUP, MB, COHERENT, EMULATE)
+    if not INSTEP:  # (with INSTEP the activations loaded here are unused and compiled away)
+        xv = xn
+    if BARRIER:
+        tl.debug_barrier()
+    return q, xv, zv, accs
+
+
 # fmt: off
 @triton.jit(do_not_specialize=["M", "G", "sb_per_split", "num_splits"])
 def _mma_kernel(
@@ -218,6 +245,8 @@ def _mma_kernel(
     GATED: tl.constexpr = False,  # PAIRED: write silu(first half) * second half, [M, N / 2]
     XJIT: tl.constexpr = False,  # load each step's activations in that step (the scales stay a step ahead)
     BARRIER: tl.constexpr = False,  # XJIT, with a CTA barrier after the next step's loads: see the main loop
+    RING: tl.constexpr = False,  # two steps' loads in flight in two register sets, no copies: see the main loop
+    INTERLEAVE: tl.constexpr = False,  # slice s takes superblocks s U .. s U + U - 1 of every KS U (not a run)
 ):
 # fmt: on
     # Every tensor of the main loop is [R KS, 128 U] and reaches memory only through loads and stores contiguous
@@ -245,49 +274,76 @@ def _mma_kernel(
         accs = accs + (tl.zeros([R * KS, 128 * U], dtype=tl.float32),)
     per_ks = sb_per_split // KS
     sb1 = tl.minimum((pid_k + 1) * sb_per_split, SB)
-    sb = pid_k * sb_per_split + (a % KS) * per_ks  # each tile row's next superblock
+    # each tile row's next superblock; with INTERLEAVE a step's tile rows read one run of KS U superblocks of a row
+    # block (KS U x 512 contiguous bytes), not KS runs of U far apart
+    STEP: tl.constexpr = KS * U if INTERLEAVE else U
+    sb = pid_k * sb_per_split + (a % KS) * (U if INTERLEAVE else per_ks)
     w_rows = qw_ptr + rb.to(tl.int64)[:, None] * row_words
     x_row = (x_ptr + g * sxm + t * 16).to(tl.int64, bitcast=True)
     x_step = sxm.to(tl.int64) * 16  # bytes between rows g and g + 8
     x_dead = g - M  # >= 0: B's column is past M (zeros)
     z_rows = (sz_ptr + (tl.minimum(rb, NB - 1)[:, None] * G * 8 + g[None, :]) * 2).to(tl.int64, bitcast=True)
-    qw = _load_words(w_rows, c, rb_mask, sb, sb1, u, EVICT)
+    if RING and not INTERLEAVE:  # the ring's last step may run past its slice (an odd count of steps): masked
+        lim = tl.minimum(sb + per_ks, sb1)[:, None]
+    else:
+        lim = sb1
+    qw = _load_words(w_rows, c, rb_mask, sb, lim, u, EVICT)
     if DEPTH == 2:  # the step after the first, in flight too
-        qw_later = _load_words(w_rows, c, rb_mask, sb + U, sb1, u, EVICT)
+        qw_later = _load_words(w_rows, c, rb_mask, sb + STEP, sb1, u, EVICT)
     if PDL:
         # The previous kernel may still run: the weights and scales are read-only, so their first loads are
         # issued above; x, the workspace, the output and the shared arrival counters are touched only after
         # this wait; x is read with coherent loads, which the compiler keeps below it (it moves .nc loads above).
         tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.b32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
                                   pack=1)  # fmt: skip
-    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, PDL, EMULATE)
-    for _ in range(0, per_ks, U):
-        nxt = sb + U  # the next step's loads are in flight while this step computes
-        if DEPTH == 2:
-            qw_next = qw_later
-            qw_later = _load_words(w_rows, c, rb_mask, sb + 2 * U, sb1, u, EVICT)
-        else:
-            qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
-        # (with XJIT or BARRIER only the scales of these are used: the activations come in the step, below)
-        xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL or BARRIER,
-                                       EMULATE)  # fmt: skip
-        if BARRIER:
-            # Without it ptxas issues the next step's loads after this step's mma (it sinks them to their use at the
-            # loop's end; seen in the SASS), so each step waits out a DRAM round trip. Coherent loads cannot cross a
-            # CTA barrier: the weight and scale loads above stay above it, this step's activations (loaded below,
-            # in the step) and so the mma stay below.
-            tl.debug_barrier()
-        if XJIT or BARRIER:  # this step's activations now (L1 hits), not a step ahead: fewer registers held
-            xvs, _ = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, PDL or BARRIER, EMULATE)
-        if EMULATE:
-            accs = emulated_step(qw, accs, x_ptr, sxm, sz_ptr, rb, NB, G, sb, sb1, c, M, K, GROUP, MAGIC, R * KS, U,
-                                  MB)  # fmt: skip
-        else:
-            accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
-        qw, zv = qw_next, zv_next
-        if not (XJIT or BARRIER):
-            xvs = xvs_next
-        sb = nxt
+    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, lim, u, K, GROUP, MB, PDL, EMULATE)
+    if RING:
+        # Loads held a step ahead in registers and then copied into the registers the mma reads (the loop-carried
+        # values below) make every step wait out a DRAM round trip: the copy waits for the load (seen in the SASS:
+        # ptxas then issues the loads just before it, after the step's mma). Two register sets, each reloaded
+        # right after its mma reads it and read again a step later, need no copy: two steps' words and scales
+        # (and activations, but with XJIT or BARRIER) are in flight when a step waits.
+        qb = _load_words(w_rows, c, rb_mask, sb + STEP, lim, u, EVICT)
+        xvb, zvb = _load_step(x_row, x_step, x_dead, z_rows, sb + STEP, lim, u, K, GROUP, MB, PDL, EMULATE)
+        for _ in range(0, per_ks, 2 * U):
+            qw, xvs, zv, accs = _ring_half(qw, xvs, zv, accs, sb, w_rows, c, rb_mask, lim, u, x_row, x_step, x_dead,
+                                           z_rows, K, x_ptr, sxm, sz_ptr, rb, NB, G, M, GROUP, MB, U, R * KS, MAGIC,
+                                           ASM, CONSTRAINTS, EVICT, PDL or BARRIER, XJIT or BARRIER, BARRIER,
+                                           EMULATE, STEP)  # fmt: skip
+            qb, xvb, zvb, accs = _ring_half(qb, xvb, zvb, accs, sb + STEP, w_rows, c, rb_mask, lim, u, x_row,
+                                            x_step, x_dead, z_rows, K, x_ptr, sxm, sz_ptr, rb, NB, G, M, GROUP, MB, U,
+                                            R * KS, MAGIC, ASM, CONSTRAINTS, EVICT, PDL or BARRIER, XJIT or BARRIER,
+                                            BARRIER, EMULATE, STEP)  # fmt: skip
+            sb = sb + 2 * STEP
+    else:
+        for _ in range(0, per_ks, U):
+            nxt = sb + STEP  # the next step's loads are in flight while this step computes
+            if DEPTH == 2:
+                qw_next = qw_later
+                qw_later = _load_words(w_rows, c, rb_mask, sb + 2 * STEP, sb1, u, EVICT)
+            else:
+                qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
+            # (with XJIT or BARRIER only the scales of these are used: the activations come in the step, below)
+            xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL or BARRIER,
+                                           EMULATE)  # fmt: skip
+            if BARRIER:
+                # Without it ptxas issues the next step's loads after this step's mma (it sinks them to their use
+                # at the loop's end; seen in the SASS), so each step waits out a DRAM round trip. Coherent loads
+                # cannot cross a CTA barrier: the weight and scale loads above stay above it, this step's
+                # activations (loaded below, in the step) and so the mma stay below.
+                tl.debug_barrier()
+            if XJIT or BARRIER:  # this step's activations now (L1 hits), not a step ahead: fewer registers held
+                xvs, _ = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, PDL or BARRIER,
+                                    EMULATE)  # fmt: skip
+            if EMULATE:
+                accs = emulated_step(qw, accs, x_ptr, sxm, sz_ptr, rb, NB, G, sb, sb1, c, M, K, GROUP, MAGIC,
+                                     R * KS, U, MB)  # fmt: skip
+            else:
+                accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
+            qw, zv = qw_next, zv_next
+            if not (XJIT or BARRIER):
+                xvs = xvs_next
+            sb = nxt
     if DIRECT:  # the slices' and unroll slots' sums, then the outputs straight from them
         for cb in tl.static_range(MB):
             y = tl.sum(tl.reshape(accs[cb], (R, KS * U, 128)), axis=1)  # tile row KS r + s, slot 128 u + j
@@ -373,7 +429,7 @@ def mma_matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
     pdl: bool = False, kslices: int = 1, paired: bool = False, gated: bool = False, xjit: bool = False,
-    maxnreg: int = 0, barrier: bool = False,
+    maxnreg: int = 0, barrier: bool = False, ring: bool = False, interleave: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
 
@@ -386,7 +442,10 @@ def mma_matmul(
     each step loads its own activations (L1 hits) instead of holding the next step's in registers;
     ``barrier``: that, with a CTA barrier between the next step's loads and this step's, which keeps the next
     step's loads in flight during this step's mma; ``maxnreg``: a cap on the registers a thread (0: the
-    compiler's choice), so that more programs fit a multiprocessor."""
+    compiler's choice), so that more programs fit a multiprocessor; ``ring``: two steps' loads in flight, in
+    two register sets that the loop never copies (with ``xjit`` or ``barrier`` as above); ``interleave``: the
+    slices take turns at the superblocks, U each (a step of the program reads KS U contiguous superblocks of a
+    row block) instead of one run each."""
     M, K = x.shape
     nb = qweight.shape[0]
     N = nb * 16
@@ -426,7 +485,7 @@ def mma_matmul(
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
         DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, PAIRED=paired, GATED=gated,
         num_warps=num_warps, num_stages=1,
-        XJIT=xjit, BARRIER=barrier,
+        XJIT=xjit, BARRIER=barrier, RING=ring, INTERLEAVE=interleave,
         **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
         **({"maxnreg": maxnreg} if maxnreg and not emulate else {}),
     )  # fmt: skip

@@ -42,7 +42,8 @@ def tuned() -> dict:
 
 # mma_matmul's program keywords (what a table entry may give)
 KEYWORDS = frozenset(
-    ("rows", "unroll", "split", "num_warps", "depth", "evict", "pdl", "kslices", "xjit", "maxnreg", "barrier")
+    ("rows", "unroll", "split", "num_warps", "depth", "evict", "pdl", "kslices", "xjit", "maxnreg", "barrier", "ring",
+     "interleave")
 )
 
 
@@ -77,8 +78,9 @@ def band(m: int) -> tuple[int, ...]:
 # Program shapes every correctness check of the kernel runs (the GPU tests, check_int4_mma.py), besides the
 # table's: DEFAULT, the launcher's split-K (split 0), a given split, one split (no workspace), two steps in
 # flight, an evict-first stream, slices of K with and without a split, PDL (sm_90+ only), warps that take
-# more than one tile row, activations loaded in their own step (xjit), a register cap, and a barrier keeping
-# the next step's loads ahead of this step's mma.
+# more than one tile row, activations loaded in their own step (xjit), a register cap, a barrier keeping
+# the next step's loads ahead of this step's mma, and the ring of two register sets (with an odd count of
+# steps a slice on a layer of 5 superblocks; with xjit, barrier, a workspace, PDL), and slices interleaved.
 CHECKED = [
     DEFAULT,
     {"rows": 4, "unroll": 1, "split": 1},
@@ -96,4 +98,11 @@ CHECKED = [
     {"rows": 4, "unroll": 2, "split": 3, "xjit": True, "maxnreg": 96},
     {"rows": 1, "kslices": 8, "unroll": 1, "split": 1, "num_warps": 4, "barrier": True},
     {"rows": 2, "kslices": 2, "unroll": 2, "split": 0, "num_warps": 4, "barrier": True, "depth": 2},
+    {"rows": 1, "kslices": 2, "unroll": 1, "split": 1, "num_warps": 2, "ring": True},
+    {"rows": 4, "unroll": 1, "split": 3, "ring": True, "xjit": True},
+    {"rows": 1, "kslices": 8, "unroll": 1, "split": 1, "num_warps": 4, "ring": True, "barrier": True},
+    {"rows": 2, "kslices": 2, "unroll": 2, "split": 1, "num_warps": 4, "ring": True, "pdl": True},
+    {"rows": 1, "kslices": 4, "unroll": 1, "split": 1, "num_warps": 4, "interleave": True},
+    {"rows": 2, "kslices": 2, "unroll": 1, "split": 2, "num_warps": 2, "interleave": True, "ring": True},
+    {"rows": 1, "kslices": 2, "unroll": 2, "split": 1, "num_warps": 2, "interleave": True, "ring": True, "xjit": True},
 ]

@@ -42,7 +42,8 @@ def sass(cfg: dict) -> str:
         "GROUP": 128, "R": cfg["rows"], "U": cfg["unroll"], "SERIAL": False, "ASM": asm, "CONSTRAINTS": constraints,
         "DEPTH": cfg.get("depth", 1), "EVICT": "", "MB": 1, "PDL": False, "KS": cfg.get("kslices", 1), "DIRECT": True,
         "EMULATE": False, "MAGIC": 128, "PAIRED": False, "GATED": False, "XJIT": cfg.get("xjit", False),
-        "BARRIER": cfg.get("barrier", False),
+        "BARRIER": cfg.get("barrier", False), "RING": cfg.get("ring", False),
+        "INTERLEAVE": cfg.get("interleave", False),
     }  # fmt: skip
     names = list(SIGNATURE)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}
