@@ -8,24 +8,28 @@ import json
 import os
 
 # mma_matmul's keyword arguments by (N, K) for steps of up to 8 rows (one column block of B), and by (N, K, 16)
-# for 9..16 rows (``band``: 32 and 64 for more): the fastest of check_int4_mma.py --quick (M = 1 and 16) and
-# --m 32 on an H200 for the Llama-3-8B shapes (docs/benchmarks.md). Without "split", the launcher's split-K
-# (enough programs for about four a multiprocessor); with one split the program sums its slices itself and
-# writes its outputs (no workspace or arrival counter). Warps may take more than one tile row (rows * kslices
-# / num_warps): the 1-8 and 9-16 row programs below that do won the 2026-11-21 17:23Z sweep (e.g. down at
-# M = 1 15.15 against 16.15 us, o at M = 16 8.58 against 9.58 us). ``depth`` and ``evict`` (weight words two
-# steps ahead in registers; an evict-first weight stream) won at no shape (``--extended``); neither did L2
+# for 9..16 rows (``band``: 32 and 64 for more), for the Llama-3-8B shapes on an H200 (docs/benchmarks.md):
+# 1-16 rows the fastest of check_int4_mma.py --interleave (2026-11-21 18:53Z: the earlier table's programs and
+# the best of the --ring sweep, each with slices interleaved or not), 17-32 rows of --m 32. Without "split",
+# the launcher's split-K (enough programs for about four a multiprocessor); with one split the program sums its
+# slices itself and writes its outputs (no workspace or arrival counter). Warps may take more than one tile row
+# (rows * kslices / num_warps). ``ring`` (two register sets of loads, two steps in flight) and ``interleave``
+# (a step reads one contiguous run of its row block) won at 7 of the 8 shapes of up to 16 rows, e.g. gate_up at
+# M = 1 22.94 against 24.28 us, down at M = 16 19.35 against 20.77 us. ``depth`` and ``evict`` (weight words
+# two steps ahead in registers; an evict-first weight stream) won at no shape (``--extended``), ``barrier``
+# (a CTA barrier keeping the next step's loads ahead of the mma) at none without the ring; neither did L2
 # prefetches some steps ahead, nor the weight stream through the compiler's software pipeline (since removed).
 _ONE = {"split": 1}
+_RING = {"ring": True, **_ONE}
 TUNED: dict[tuple[int, ...], dict] = {
-    (6144, 4096): {"rows": 1, "kslices": 4, "unroll": 4, "num_warps": 4, **_ONE},
-    (4096, 4096): {"rows": 1, "kslices": 4, "unroll": 4, "num_warps": 4, **_ONE},
-    (28672, 4096): {"rows": 1, "kslices": 8, "unroll": 1, "num_warps": 4, **_ONE},
-    (4096, 14336): {"rows": 2, "kslices": 4, "unroll": 2, "num_warps": 4},
-    (6144, 4096, 16): {"rows": 1, "kslices": 8, "unroll": 1, "num_warps": 4, **_ONE},
-    (4096, 4096, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, **_ONE},
-    (28672, 4096, 16): {"rows": 1, "kslices": 2, "unroll": 1, "num_warps": 2},
-    (4096, 14336, 16): {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4},
+    (6144, 4096): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "xjit": True, **_RING},
+    (4096, 4096): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, **_RING},
+    (28672, 4096): {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4, "xjit": True, "interleave": True, **_RING},
+    (4096, 14336): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "interleave": True, **_RING},
+    (6144, 4096, 16): {"rows": 1, "kslices": 8, "unroll": 1, "num_warps": 4, "interleave": True, **_RING},
+    (4096, 4096, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "interleave": True, **_RING},
+    (28672, 4096, 16): {"rows": 1, "kslices": 2, "unroll": 1, "num_warps": 2, "interleave": True},
+    (4096, 14336, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "interleave": True, **_RING},
     (6144, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 1, "num_warps": 4, **_ONE},
     (4096, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
     (28672, 4096, 32): {"rows": 4, "kslices": 1, "unroll": 2, "num_warps": 4, **_ONE},

@@ -5,10 +5,11 @@ Run as a script (a process of its own: the tests' Triton runs in interpreter mod
 
     python3 tests/quant/int4_sass.py '{"rows": 1, "kslices": 8, "unroll": 1, "num_warps": 4, "barrier": true}'
 
-prints JSON: ``{"loop": [...]}``, the kinds of the loop body's memory, barrier and mma instructions in
-order (``W`` a 16-byte global load: weight words, or activations where they are coherent; ``x`` a 16-byte
-non-coherent load: activations; ``z`` an 8-byte global load: scale words; ``B`` a barrier; ``M`` an
-``mma``), or ``{"skip": why}`` where this Triton cannot compile for sm_90 here.
+prints JSON: ``{"loop": [...], "copied": [...]}``, the kinds of the loop body's memory, barrier and mma
+instructions in order (``W`` a 16-byte global load: weight words, or activations where they are coherent;
+``x`` a 16-byte non-coherent load: activations; ``z`` an 8-byte global load: scale words; ``B`` a barrier;
+``M`` an ``mma``) and of the loads whose registers the loop copies (``copied_loads``), or ``{"skip": why}``
+where this Triton cannot compile for sm_90 here.
 """
 
 from __future__ import annotations
@@ -82,6 +83,28 @@ def loop_body(listing: str) -> list[str]:
     raise ValueError("no loop with an mma in the listing")
 
 
+def copied_loads(listing: str) -> list[str]:
+    """The kinds (as ``loop_body``'s) of the loads in the mma's loop whose registers a later move of the loop
+    copies: such a copy waits for its load, so a load copied at the loop's end is waited for in the step."""
+    lines = listing.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\.(L_x_\d+):", line.strip()))}
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\(\.(L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i and any("HMMA" in b for b in lines[labels[m.group(1)] : i + 1]):
+            loaded, copied = {}, []
+            for b in lines[labels[m.group(1)] : i + 1]:
+                ld = re.search(r"LDG\.E\.(128|64)(\.CONSTANT)?\s+R(\d+),", b)
+                if ld:
+                    kind = "z" if ld.group(1) == "64" else "x" if ld.group(2) else "W"
+                    first = int(ld.group(3))
+                    loaded.update({r: kind for r in range(first, first + (4 if ld.group(1) == "128" else 2))})
+                mv = re.search(r"\bI?MAD\.MOV\.U32\s+R\d+,\s*RZ,\s*RZ,\s*R(\d+)\b|\bMOV\s+R\d+,\s*R(\d+)\b", b)
+                if mv and int(mv.group(1) or mv.group(2)) in loaded:
+                    copied.append(loaded[int(mv.group(1) or mv.group(2))])
+            return copied
+    raise ValueError("no loop with an mma in the listing")
+
+
 def run(cfg: dict) -> dict:
     """``loop_body`` of ``cfg``'s program, compiled in a fresh process outside the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -106,4 +129,5 @@ if __name__ == "__main__":
     except ImportError as err:
         print(json.dumps({"skip": f"no Triton NVIDIA backend: {err}"}))
         sys.exit(0)
-    print(json.dumps({"loop": loop_body(sass(json.loads(sys.argv[1])))}))
+    listing = sass(json.loads(sys.argv[1]))
+    print(json.dumps({"loop": loop_body(listing), "copied": copied_loads(listing)}))

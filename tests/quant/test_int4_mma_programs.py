@@ -105,3 +105,21 @@ def test_barrier_keeps_the_next_steps_loads_ahead_of_the_mma(program):
     per_thread = program["rows"] * program["kslices"] // program["num_warps"] * program["unroll"]
     assert "M" not in before and after.count("M") >= 4, loop
     assert before.count("W") >= per_thread and before.count("z") >= 1, loop
+
+
+@pytest.mark.parametrize("key", [(28672, 4096), (4096, 4096)])
+def test_ring_never_copies_the_registers_its_weight_and_scale_loads_fill(key):
+    """The table's ring programs (gate_up's and o's at up to 8 rows), compiled for sm_90 here: no move in the
+    main loop copies a register that a weight or scale load fills. (A copy waits for its load: the plain
+    program holds the next step's loads in registers and copies them at the loop's end, so each step waits out
+    a DRAM round trip.) Both register sets' weight loads are in the loop."""
+    import int4_sass  # tests/quant/conftest.py puts this directory on sys.path
+
+    program = int4_mma.TUNED[key]
+    assert program.get("ring"), program
+    out = int4_sass.run(program)
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    assert "W" not in out["copied"] and "z" not in out["copied"], out
+    per_thread = program["rows"] * program["kslices"] // program["num_warps"] * program["unroll"]
+    assert out["loop"].count("W") >= 2 * per_thread and out["loop"].count("M") >= 8 * per_thread, out
