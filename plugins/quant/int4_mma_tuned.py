@@ -9,13 +9,14 @@ import os
 
 # mma_matmul's keyword arguments by (N, K) for steps of up to 8 rows (one column block of B), and by (N, K, 16)
 # for 9..16 rows (``band``: 32 and 64 for more), for the Llama-3-8B shapes on an H200 (docs/benchmarks.md):
-# 1-16 rows the fastest of check_int4_mma.py --interleave (2026-11-21 18:53Z: the earlier table's programs and
-# the best of the --ring sweep, each with slices interleaved or not), 17-32 rows of --m 32. Without "split",
+# the fastest of check_int4_mma.py --interleave (2026-11-21 18:53Z, M = 1 and 16; 19:05Z with --m 32: the
+# earlier table's programs and the best of the --ring sweep, each with slices interleaved or not). Without "split",
 # the launcher's split-K (enough programs for about four a multiprocessor); with one split the program sums its
 # slices itself and writes its outputs (no workspace or arrival counter). Warps may take more than one tile row
 # (rows * kslices / num_warps). ``ring`` (two register sets of loads, two steps in flight) and ``interleave``
 # (a step reads one contiguous run of its row block) won at 7 of the 8 shapes of up to 16 rows, e.g. gate_up at
-# M = 1 22.94 against 24.28 us, down at M = 16 19.35 against 20.77 us. ``depth`` and ``evict`` (weight words
+# M = 1 22.94 against 24.28 us, down at M = 16 19.35 against 20.77 us; the ring at 3 of the 4 shapes of 17-32
+# rows (down 26.92 against 30.62 us; batch-32 decode 4.194 against 4.382 ms). ``depth`` and ``evict`` (weight words
 # two steps ahead in registers; an evict-first weight stream) won at no shape (``--extended``), ``barrier``
 # (a CTA barrier keeping the next step's loads ahead of the mma) at none without the ring; neither did L2
 # prefetches some steps ahead, nor the weight stream through the compiler's software pipeline (since removed).
@@ -30,10 +31,10 @@ TUNED: dict[tuple[int, ...], dict] = {
     (4096, 4096, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "interleave": True, **_RING},
     (28672, 4096, 16): {"rows": 1, "kslices": 2, "unroll": 1, "num_warps": 2, "interleave": True},
     (4096, 14336, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "interleave": True, **_RING},
-    (6144, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 1, "num_warps": 4, **_ONE},
-    (4096, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
+    (6144, 4096, 32): {"rows": 1, "kslices": 4, "unroll": 1, "num_warps": 4, **_RING},
+    (4096, 4096, 32): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "xjit": True, **_RING},
     (28672, 4096, 32): {"rows": 4, "kslices": 1, "unroll": 2, "num_warps": 4, **_ONE},
-    (4096, 14336, 32): {"rows": 1, "kslices": 4, "unroll": 2, "num_warps": 4, **_ONE},
+    (4096, 14336, 32): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "xjit": True, **_RING},
 }
 DEFAULT = {"rows": 4, "unroll": 2, "num_warps": 4}  # other shapes: split-K across programs, the launcher's split
 
