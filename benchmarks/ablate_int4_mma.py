@@ -1,7 +1,7 @@
 """Ablations of the int4 tensor-core kernel's per-superblock asm, for finding where its time goes (the
 results are wrong by design: timing only), and a plain run of its kernels for a profiler.
 
-    python3 benchmarks/ablate_int4_mma.py OUT.json          # times each variant, M = 1, Llama-3-8B shapes
+    python3 benchmarks/ablate_int4_mma.py OUT.json          # each variant of the table's M = 1 programs
     ncu --clock-control none -k regex:"mma_kernel|gemv" --section SpeedOfLight --section WarpStateStats \
         python3 benchmarks/ablate_int4_mma.py --profile     # each shape's kernel and the bf16 GEMV, 3 times
 
@@ -82,9 +82,8 @@ def profile() -> None:
 def main(out: str) -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     res = {}
-    configs = ({"rows": 4, "unroll": 2, "num_warps": 4}, {"rows": 4, "unroll": 4, "num_warps": 4},
-               {"rows": 2, "unroll": 2, "num_warps": 2})  # fmt: skip
     for name, (n, k) in SHAPES.items():
+        configs = (int4_mma.TUNED[(n, k)],)  # the table's program for steps of up to 8 rows
         q, s, z = make_layer(n, k, 128, torch.bfloat16)
         nbytes = n * k // 2 + 2 * (k // 128) * n * 2
         copies = max(2, math.ceil(3 * l2 / nbytes))
@@ -96,7 +95,7 @@ def main(out: str) -> None:
             for cfg in configs:
                 launches = [lambda qw=qw, cfg=cfg: int4_mma.mma_matmul(x, qw, szp, 128, **cfg) for qw in qws]
                 us = graph_time_us(launches, 30)
-                key = f"{name} {kind} R{cfg['rows']}U{cfg['unroll']}W{cfg['num_warps']}"
+                key = f"{name} {kind} {json.dumps(cfg, sort_keys=True)}"
                 res[key] = (round(us, 2), round(nbytes / us / 1e3))
                 print(key, res[key], flush=True)
         int4_mma._asm = functools.cache(orig)
