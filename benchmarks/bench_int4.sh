@@ -16,11 +16,14 @@
 #   interleave  the same with --interleave (M = 1 and 16): the table's and the ring's best programs with slices
 #             interleaved or not; checks the ring and interleave programs only; feeds the latency phase too
 #   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16 and GPTQ (AWQ
-#             runs the same kernels) as configured by default, GPTQ with SiLU-and-mul fused into gate/up
+#             runs the same kernels) as configured by default (programmatic dependent launches for steps of up
+#             to 8 rows: FRAMEWORK_PDL=auto), GPTQ with SiLU-and-mul fused into gate/up
 #             (FRAMEWORK_INT4_FUSED_SILU=1), then bf16 and GPTQ with every decode kernel launched as a programmatic
-#             dependent (FRAMEWORK_PDL=1); VARIANTS="bf16 gptq ..." picks some (also gptq_pdl_rest: PDL for all
-#             but the int4 kernel; gptq_silu_cap: the fused gate with its 17-32 row program capped at 128 registers), BATCHES="1 16" the batch sizes; with the tuned configs of the kernel phase
-#             when it ran in the same call (TUNED=0 in the environment: without them); 30-80 s each
+#             dependent (FRAMEWORK_PDL=1); VARIANTS="bf16 gptq ..." picks some (also bf16_nopdl, gptq_nopdl:
+#             FRAMEWORK_PDL=0; gptq_pdl_rest: PDL for all but the int4 kernel; gptq_silu_cap: the fused gate with
+#             its 17-32 row program capped at 128 registers), BATCHES="1 16" the batch sizes; with the tuned
+#             configs of the kernel phase when it ran in the same call (TUNED=0 in the environment: without
+#             them); 30-80 s each
 #   roofline  benchmarks/roofline.py: copy bandwidth for the floors
 set -u
 OUT=${1:?usage: bench_int4.sh OUT_DIR [PHASE ...]}
@@ -74,6 +77,8 @@ for p in $PHASES; do
             bf16) latency bf16 -- ;;
             gptq) latency gptq "$T" -- --quantization gptq ;;
             bf16_pdl) latency bf16_pdl FRAMEWORK_PDL=1 -- ;;
+            bf16_nopdl) latency bf16_nopdl FRAMEWORK_PDL=0 -- ;;
+            gptq_nopdl) latency gptq_nopdl "$T" FRAMEWORK_PDL=0 -- --quantization gptq ;;
             gptq_pdl) latency gptq_pdl "$T" FRAMEWORK_PDL=1 -- --quantization gptq ;;
             gptq_silu) latency gptq_silu "$T" FRAMEWORK_INT4_FUSED_SILU=1 -- --quantization gptq ;;
             gptq_silu_cap)  # the fused gate, its 17-32 row gate/up program capped at 128 registers (4 programs an SM)

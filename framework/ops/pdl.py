@@ -11,9 +11,11 @@ ordinary kernel starts when that one ends too (its implicit signal). So the kern
 of them that take part follow each other: the launch and the first loads of the second overlap the end of
 the first.
 
-Off by default until measured end to end (docs/benchmarks.md); the int4 kernel alone under PDL (session 14's
-``FRAMEWORK_INT4_MMA_PDL=1``, since replaced by this) made batch-1 decode slower on an H200 (2.76 against
-2.68 ms), because nothing before it signalled early.
+``FRAMEWORK_PDL``: ``auto`` (the default) launches this way the kernels of steps of up to ``AUTO_MAX_ROWS``
+rows (each caller passes its rows: the step's tokens or sequences), ``1`` those of every step, ``0`` none.
+Measured on an H200 (docs/benchmarks.md): int4 batch-1 decode 2.268 against 2.457 ms with the ring programs of
+the int4 kernel, bf16 batch 1 about 1% faster; but int4 batch 16 3.339 against 3.149 ms, and batch 32 and 64
+slower too (session 15), hence the row limit.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ try:
 except ImportError:  # an older Triton: PDL stays off
     gdc_launch_dependents = gdc_wait = None
 
-ENABLED = os.environ.get("FRAMEWORK_PDL", "0") == "1" and gdc_wait is not None
+MODE = os.environ.get("FRAMEWORK_PDL", "auto")
+if MODE not in ("0", "1", "auto"):
+    raise ValueError(f"FRAMEWORK_PDL must be 0, 1 or auto; got {MODE!r}")
+AUTO_MAX_ROWS = 8  # auto: steps of up to this many rows (decode batch 1-8)
+AVAILABLE = gdc_wait is not None
 
 
 @functools.cache
@@ -38,17 +44,21 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def enabled(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch as programmatic dependents (``FRAMEWORK_PDL=1`` on sm_90+)."""
-    if not ENABLED or device.type != "cuda":
+def enabled(device: torch.device, rows: int | None = None) -> bool:
+    """Whether a kernel on ``device`` for a step of ``rows`` rows launches as a programmatic dependent (sm_90+;
+    ``FRAMEWORK_PDL``: ``auto`` for up to AUTO_MAX_ROWS rows, ``1`` always, ``0`` never; ``rows`` None: only
+    under ``1``)."""
+    if not AVAILABLE or MODE == "0" or device.type != "cuda":
+        return False
+    if MODE == "auto" and (rows is None or rows > AUTO_MAX_ROWS):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch_args(device: torch.device) -> dict:
-    """The launch keywords of a kernel taking part: its ``PDL`` constexpr and ``launch_pdl`` (none when off,
-    so that the kernel compiles and launches exactly as before)."""
-    return {"PDL": True, "launch_pdl": True} if enabled(device) else {}
+def launch_args(device: torch.device, rows: int | None = None) -> dict:
+    """The launch keywords of a kernel taking part, for a step of ``rows`` rows: its ``PDL`` constexpr and
+    ``launch_pdl`` (none when off, so that the kernel compiles and launches exactly as before)."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device, rows) else {}
 
 
 @triton.jit

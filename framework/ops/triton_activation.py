@@ -52,6 +52,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] and d:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, BLOCK))](
             x2, out, x2.stride(0), out.stride(0), d, BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False,
-            **pdl.launch_args(x.device),
+            **pdl.launch_args(x.device, x2.shape[0]),
         )
     return out.view(*x.shape[:-1], d)

@@ -367,7 +367,7 @@ def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None, nor
         NORM=norm is not None, HAS_RESIDUAL=residual is not None,
         NORM_BLOCK=min(triton.next_power_of_2(k), max(16, NORM_STAT_ELEMS // block_m)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
-        **pdl.launch_args(x.device),
+        **pdl.launch_args(x.device, m),
     )  # fmt: skip
     if splits > 1 and counters is None:
         block = 1024

@@ -83,7 +83,7 @@ def rms_norm(
             BLOCK=block,
             num_warps=min(16, max(1, block // 256)),
             enable_fp_fusion=False,  # no fma contraction: round where torch rounds
-            **pdl.launch_args(x.device),
+            **pdl.launch_args(x.device, x2.shape[0]),
         )  # fmt: skip
     if residual is None:
         return out.view(shape)

@@ -271,6 +271,6 @@ def rotary_write_kv_cache(
         FP8_MAX=torch.finfo(key_cache.dtype).max if kv_fp8 else 0.0,
         num_warps=4,
         enable_fp_fusion=False,  # no fma contraction: round where torch rounds (see triton_rotary)
-        **pdl.launch_args(q.device),
+        **pdl.launch_args(q.device, num_tokens),
     )  # fmt: skip
     return q_out

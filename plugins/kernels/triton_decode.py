@@ -306,7 +306,7 @@ def decode_attention(
         BLOCK_S=block_s,
         num_warps=4,
         num_stages=2,
-        **pdl.launch_args(q.device),
+        **pdl.launch_args(q.device, num_seqs),
     )  # fmt: skip
     if num_splits > 1 and not fused_reduce:
         _decode_reduce_kernel[(num_seqs, num_heads)](

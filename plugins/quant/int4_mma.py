@@ -386,9 +386,9 @@ def matmul(
     gated: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """``mma_matmul`` with the measured config for the shape, launched as a programmatic dependent where the
-    decode kernels are (``framework.ops.pdl``, ``FRAMEWORK_PDL=1``)."""
+    decode kernels are (``framework.ops.pdl``: by default for steps of up to 8 rows)."""
     kwargs = dict(_tuned().get((qweight.shape[0] * 16, x.shape[1]) + _band(x.shape[0]), DEFAULT))
-    if "pdl" not in kwargs and pdl_launch.enabled(x.device):
+    if "pdl" not in kwargs and pdl_launch.enabled(x.device, x.shape[0]):
         kwargs["pdl"] = True
     return mma_matmul(x, qweight, szp, group_size, paired=paired, gated=gated, **kwargs)
 

@@ -1,6 +1,6 @@
-"""Programmatic dependent launch (``framework.ops.pdl``, ``FRAMEWORK_PDL=1``).
+"""Programmatic dependent launch (``framework.ops.pdl``, ``FRAMEWORK_PDL``: auto, 1 or 0).
 
-On the CPU: when the kernels ask for it, and that every kernel taking part waits for the one before it
+On the CPU: when the kernels ask for it (by mode and the step's rows), and that every kernel taking part waits for the one before it
 before it touches anything that one writes (its first statement, or, for the int4 kernel, before the first
 load of x). On a GPU (sm_90+): a tiny model's greedy tokens and logprobs under PDL, CUDA graphs included,
 equal those without.
@@ -31,13 +31,36 @@ KERNELS = [
 
 
 def test_launch_args_only_when_enabled_on_sm90(monkeypatch):
-    monkeypatch.setattr(pdl, "ENABLED", False)
-    assert pdl.launch_args(torch.device("cuda", 0)) == {}
-    monkeypatch.setattr(pdl, "ENABLED", True)
-    assert pdl.launch_args(torch.device("cpu")) == {}
+    monkeypatch.setattr(pdl, "AVAILABLE", True)
     monkeypatch.setattr(pdl, "_capable", lambda index: index == 0)  # device 0 is sm_90, device 1 older
-    assert pdl.launch_args(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
-    assert pdl.launch_args(torch.device("cuda", 1)) == {}
+    on = {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(pdl, "MODE", "0")
+    assert pdl.launch_args(torch.device("cuda", 0), 1) == {}
+    monkeypatch.setattr(pdl, "MODE", "1")
+    assert pdl.launch_args(torch.device("cpu"), 1) == {}
+    assert pdl.launch_args(torch.device("cuda", 0)) == pdl.launch_args(torch.device("cuda", 0), 256) == on
+    assert pdl.launch_args(torch.device("cuda", 1), 1) == {}
+    monkeypatch.setattr(pdl, "MODE", "auto")  # the default: steps of up to AUTO_MAX_ROWS rows
+    assert pdl.launch_args(torch.device("cuda", 0), 1) == pdl.launch_args(torch.device("cuda", 0), 8) == on
+    assert pdl.launch_args(torch.device("cuda", 0), 9) == pdl.launch_args(torch.device("cuda", 0)) == {}
+    assert pdl.launch_args(torch.device("cuda", 1), 1) == {}
+    monkeypatch.setattr(pdl, "AVAILABLE", False)  # a Triton without the griddepcontrol helpers
+    assert pdl.launch_args(torch.device("cuda", 0), 1) == {}
+
+
+def test_mode_from_the_environment():
+    """FRAMEWORK_PDL defaults to auto; a value other than 0, 1 or auto is an error naming the variable."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from framework.ops import pdl; print(pdl.MODE)"
+    env = {k: v for k, v in os.environ.items() if k != "FRAMEWORK_PDL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "auto", out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "FRAMEWORK_PDL": "yes"}, timeout=120)  # fmt: skip
+    assert out.returncode != 0 and "FRAMEWORK_PDL must be 0, 1 or auto; got 'yes'" in out.stderr
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.fn.__name__)
@@ -74,7 +97,7 @@ def test_greedy_tokens_equal_with_and_without_pdl(tmp_path, monkeypatch):
     params = framework.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
 
     def run(enabled: bool):
-        monkeypatch.setattr(pdl, "ENABLED", enabled)
+        monkeypatch.setattr(pdl, "MODE", "1" if enabled else "0")
         llm = framework.LLM(str(path), dtype="bfloat16", max_model_len=128, device="cuda")
         assert llm.engine.runner.graphs is not None  # decode steps replay CUDA graphs (PDL edges inside)
         outs = llm.generate(prompts, params, use_tqdm=False)

@@ -50,6 +50,22 @@ def test_matmul_takes_the_config_of_the_row_band(monkeypatch):
     assert len({json.dumps(c, sort_keys=True) for c in seen[:4]}) == 3  # the bands hold different programs
 
 
+def test_matmul_launches_as_a_programmatic_dependent_by_the_steps_rows(monkeypatch):
+    """matmul asks framework.ops.pdl with the step's rows (x's); the table's "pdl" keyword, where given, wins."""
+    seen, asked = [], []
+    monkeypatch.setattr(int4_mma, "mma_matmul", lambda x, qw, szp, group, paired, gated, **kw: seen.append(kw))
+    monkeypatch.setattr(int4_mma.pdl_launch, "enabled", lambda device, rows=None: asked.append(rows) or rows <= 8)
+    monkeypatch.delenv("FRAMEWORK_INT4_MMA_TUNED", raising=False)
+    qw = torch.empty(6144 // 16, 1, dtype=torch.int32)
+    for m in (1, 8, 9, 16):
+        int4_mma.matmul(torch.empty(m, 4096), qw, None, 128)
+    assert asked == [1, 8, 9, 16]
+    assert [kw.get("pdl", False) for kw in seen] == [True, True, False, False]
+    monkeypatch.setenv("FRAMEWORK_INT4_MMA_TUNED", '{"6144x4096": {"rows": 1, "kslices": 8, "num_warps": 4, "pdl": false}}')
+    int4_mma.matmul(torch.empty(1, 4096), qw, None, 128)
+    assert seen[-1]["pdl"] is False
+
+
 def test_fused_gate_serves_steps_of_up_to_eight_rows(monkeypatch):
     """Steps of more rows give None (the caller runs the paired projection and SiluAndMul): the gated programs
     were slower from 16 rows on."""
