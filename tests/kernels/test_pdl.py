@@ -1,8 +1,8 @@
 """Programmatic dependent launch (``framework.ops.pdl``, ``FRAMEWORK_PDL``: auto, 1 or 0).
 
-On the CPU: when the kernels ask for it (by mode and the step's rows), and that every kernel taking part waits for the one before it
-before it touches anything that one writes (its first statement, or, for the int4 kernel, before the first
-load of x). On a GPU (sm_90+): a tiny model's greedy tokens and logprobs under PDL, CUDA graphs included,
+On the CPU: when the kernels ask for it (by mode and the step's rows), and that every kernel taking part
+waits for the one before it before it touches anything that one writes (its first statement, or, for the
+int4 kernel, before the first load of x). On a GPU (sm_90+): a tiny model's greedy tokens and logprobs under PDL, CUDA graphs included,
 equal those without.
 """
 

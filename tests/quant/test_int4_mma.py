@@ -342,8 +342,14 @@ def test_single_copy_layers_serve_every_row_count(monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("pdl", [False, True])
-def test_graph_replay_matches_eager(pdl):
-    """Captured in a CUDA graph (as decode steps run it, PDL edges included), the kernel gives the eager bits."""
+@pytest.mark.parametrize("program", [
+    {},  # DEFAULT: split-K through the workspace
+    {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "ring": True, "split": 1},  # o's at up to 8 rows
+    {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4, "xjit": True, "interleave": True, "ring": True, "split": 1},
+], ids=["default", "ring", "ring-xjit-interleave"])  # fmt: skip
+def test_graph_replay_matches_eager(pdl, program):
+    """Captured in a CUDA graph (as decode steps run it, PDL edges included), the kernel gives the eager bits;
+    the second linear reads what the first wrote (under PDL: only after its wait)."""
     if pdl and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
     layers = []
@@ -352,18 +358,18 @@ def test_graph_replay_matches_eager(pdl):
         layers.append((layout.repack(q), layout.pack_scales(scales, zeros)))
     (qw1, sz1), (qw2, sz2) = layers
     x = torch.randn(4, 1024, device="cuda").to(torch.bfloat16)
-    eager = int4_mma.mma_matmul(x, qw1, sz1, 128, pdl=pdl)
-    assert torch.equal(eager, int4_mma.mma_matmul(x, qw1, sz1, 128, pdl=pdl))  # deterministic split-K order
+    eager = int4_mma.mma_matmul(x, qw1, sz1, 128, pdl=pdl, **program)
+    assert torch.equal(eager, int4_mma.mma_matmul(x, qw1, sz1, 128, pdl=pdl, **program))  # deterministic order
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        first = int4_mma.mma_matmul(x, qw1, sz1, 128, pdl=pdl)
-        second = int4_mma.mma_matmul(first, qw2, sz2, 128, pdl=pdl)
+        first = int4_mma.mma_matmul(x, qw1, sz1, 128, pdl=pdl, **program)
+        second = int4_mma.mma_matmul(first, qw2, sz2, 128, pdl=pdl, **program)
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    expect = int4_mma.mma_matmul(x, qw1, sz1, 128)
+    expect = int4_mma.mma_matmul(x, qw1, sz1, 128, **program)
     assert torch.equal(first, expect)
-    assert torch.equal(second, int4_mma.mma_matmul(expect, qw2, sz2, 128))
+    assert torch.equal(second, int4_mma.mma_matmul(expect, qw2, sz2, 128, **program))
 
 
 # -- the fused gate/up kernel in a model (interpreter) ----------------------------------------------

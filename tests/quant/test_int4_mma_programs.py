@@ -61,7 +61,8 @@ def test_matmul_launches_as_a_programmatic_dependent_by_the_steps_rows(monkeypat
         int4_mma.matmul(torch.empty(m, 4096), qw, None, 128)
     assert asked == [1, 8, 9, 16]
     assert [kw.get("pdl", False) for kw in seen] == [True, True, False, False]
-    monkeypatch.setenv("FRAMEWORK_INT4_MMA_TUNED", '{"6144x4096": {"rows": 1, "kslices": 8, "num_warps": 4, "pdl": false}}')
+    program = '{"6144x4096": {"rows": 1, "kslices": 8, "num_warps": 4, "pdl": false}}'
+    monkeypatch.setenv("FRAMEWORK_INT4_MMA_TUNED", program)
     int4_mma.matmul(torch.empty(1, 4096), qw, None, 128)
     assert seen[-1]["pdl"] is False
 
