@@ -93,11 +93,12 @@ _WIDE_TILES = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3))
 
 
 def _wide_candidates(m: int, n: int, k: int, group_size: int, bits: int, sms: int) -> list[Config]:
-    """The wide kernel's configs for the bucket ``m``, where the layer allows it: block_m the rows' side (one
-    or two tiles up to 128 rows), split-K where the tiles are too few for the multiprocessors."""
+    """The wide kernel's configs for the bucket ``m``, where the layer allows it and ``FRAMEWORK_INT4_WIDE=1``
+    (off until it has run on a GPU): block_m the rows' side (one or two tiles up to 128 rows), split-K where
+    the tiles are too few for the multiprocessors."""
     from plugins.quant import int4_wide
 
-    if m < 16 or not int4_wide.applicable(group_size, bits, k):
+    if os.environ.get("FRAMEWORK_INT4_WIDE", "0") != "1" or m < 16 or not int4_wide.applicable(group_size, bits, k):
         return []
     steps = k // (int4_wide.BLOCK_KP * (32 // bits))
     out = []

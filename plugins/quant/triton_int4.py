@@ -26,7 +26,8 @@ Four paths, picked per (M bucket, N, K, group, bits, dtype):
   [BLOCK_K, BLOCK_N] tile to x.dtype in registers and ``tl.dot``s it with the
   x tile. Optional split-K for small M. BLOCK_K divides group_size.
 * ``wide`` (``plugins.quant.int4_wide``): the transposed product, the dequantized weights as the first
-  operand, one packed slice of K at a time (no unpacked tile); a tuning candidate from 16 rows.
+  operand, one packed slice of K at a time (no unpacked tile); a tuning candidate from 16 rows under
+  ``FRAMEWORK_INT4_WIDE=1`` (off until it has run on a GPU).
 * ``dequant`` (large M): dequantize the whole weight to x.dtype once, then
   cuBLAS (``torch.matmul``); chosen when measured faster (M >= 256 on an H200).
 

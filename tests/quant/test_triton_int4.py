@@ -222,8 +222,13 @@ def test_wide_kernel(m, config, bits, group, dtype):
     run_case(m, 200, k, k if group == "K" else group, bits, dtype, config=config, seed=m + bits)
 
 
-def test_wide_kernel_needs_a_step_within_a_group():
+def test_wide_kernel_needs_a_step_within_a_group(monkeypatch):
+    """Its configs are tuning candidates under FRAMEWORK_INT4_WIDE=1 only, and where a K step lies in one group."""
     from plugins.quant import int4_wide
+
+    monkeypatch.delenv("FRAMEWORK_INT4_WIDE", raising=False)
+    assert all(c.kind != "wide" for c in int4_configs.candidate_configs(100, 72, 256, 128, torch.device(DEVICE)))
+    monkeypatch.setenv("FRAMEWORK_INT4_WIDE", "1")
 
     assert int4_wide.applicable(128, 4, 4096) and int4_wide.applicable(64, 8, 4096)
     assert not int4_wide.applicable(64, 4, 4096) and not int4_wide.applicable(32, 8, 4096)
@@ -235,8 +240,9 @@ def test_wide_kernel_needs_a_step_within_a_group():
         run_case(33, 72, 256, 64, 4, torch.float32, config=Config("wide", 64, 64, 128))
 
 
-def test_candidate_configs_are_valid():
+def test_candidate_configs_are_valid(monkeypatch):
     """Every config tuning may pick runs the op correctly (small shape, as the interpreter allows)."""
+    monkeypatch.setenv("FRAMEWORK_INT4_WIDE", "1")
     for m in (1, 6, 100):
         for cfg in int4_configs.candidate_configs(m, 72, 128, 128, torch.device(DEVICE)):
             if cfg.block_n <= 128 and cfg.block_m <= 64:  # keep the interpreter quick
