@@ -15,6 +15,9 @@
 #             the table's programs; correctness checks of the ring programs only; feeds the latency phase too
 #   interleave  the same with --interleave (M = 1 and 16): the table's and the ring's best programs with slices
 #             interleaved or not; checks the ring and interleave programs only; feeds the latency phase too
+#   wide      the int4 GEMM's tests on the GPU and check_int4_gemm.py --sweep (M = 1, 16, 64, 256: every
+#             candidate config, bf16 F.linear beside), both with the wide kernel among the candidates
+#             (FRAMEWORK_INT4_WIDE=1)
 #   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16 and GPTQ (AWQ
 #             runs the same kernels) as configured by default (programmatic dependent launches for steps of up
 #             to 8 rows: FRAMEWORK_PDL=auto), GPTQ with SiLU-and-mul fused into gate/up
@@ -65,6 +68,8 @@ for p in $PHASES; do
     ring) phase ring 420 python3 -W ignore benchmarks/check_int4_mma.py --ring --checks ring --out "$OUT/kernel" ;;
     interleave) phase interleave 420 python3 -W ignore benchmarks/check_int4_mma.py --interleave --checks ring,interleave \
         --out "$OUT/kernel" ;;
+    wide) phase wide_tests 240 env FRAMEWORK_INT4_WIDE=1 python3 -m pytest -q -x tests/quant/test_triton_int4.py
+          phase wide 420 env FRAMEWORK_INT4_WIDE=1 python3 -W ignore benchmarks/check_int4_gemm.py --sweep --out "$OUT/gemm" ;;
     inflight) phase inflight 300 python3 -W ignore benchmarks/check_int4_mma.py --inflight --out "$OUT/kernel" ;;
     latency)
         TUNED_ENV=""
