@@ -58,51 +58,53 @@ def sass(cfg: dict) -> str:
         return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def loop_body(listing: str) -> list[str]:
-    """The instruction kinds (see the module docstring) of the loop that holds the mma, in order."""
-    lines = listing.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\.(L_x_\d+):", line.strip()))}
-    for i, line in enumerate(lines):
-        m = re.search(r"BRA `\(\.(L_x_\d+)\)", line)
-        if m and labels.get(m.group(1), i) < i:
-            body = lines[labels[m.group(1)] : i + 1]
-            if any("HMMA" in b for b in body):
-                kinds = []
-                for b in body:
-                    if "HMMA" in b:
-                        kinds.append("M")
-                    elif re.search(r"\bBAR\.", b):
-                        kinds.append("B")
-                    elif "LDG.E.128.CONSTANT" in b:
-                        kinds.append("x")
-                    elif "LDG.E.128" in b:
-                        kinds.append("W")
-                    elif "LDG.E.64" in b:
-                        kinds.append("z")
-                return kinds
-    raise ValueError("no loop with an mma in the listing")
-
-
-def copied_loads(listing: str) -> list[str]:
-    """The kinds (as ``loop_body``'s) of the loads in the mma's loop whose registers a later move of the loop
-    copies: such a copy waits for its load, so a load copied at the loop's end is waited for in the step."""
+def _mma_loop(listing: str) -> list[str]:
+    """The lines of the loop that holds the mma (from its label to its backward branch)."""
     lines = listing.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\.(L_x_\d+):", line.strip()))}
     for i, line in enumerate(lines):
         m = re.search(r"BRA `\(\.(L_x_\d+)\)", line)
         if m and labels.get(m.group(1), i) < i and any("HMMA" in b for b in lines[labels[m.group(1)] : i + 1]):
-            loaded, copied = {}, []
-            for b in lines[labels[m.group(1)] : i + 1]:
-                ld = re.search(r"LDG\.E\.(128|64)(\.CONSTANT)?\s+R(\d+),", b)
-                if ld:
-                    kind = "z" if ld.group(1) == "64" else "x" if ld.group(2) else "W"
-                    first = int(ld.group(3))
-                    loaded.update({r: kind for r in range(first, first + (4 if ld.group(1) == "128" else 2))})
-                mv = re.search(r"\bI?MAD\.MOV\.U32\s+R\d+,\s*RZ,\s*RZ,\s*R(\d+)\b|\bMOV\s+R\d+,\s*R(\d+)\b", b)
-                if mv and int(mv.group(1) or mv.group(2)) in loaded:
-                    copied.append(loaded[int(mv.group(1) or mv.group(2))])
-            return copied
+            return lines[labels[m.group(1)] : i + 1]
     raise ValueError("no loop with an mma in the listing")
+
+
+def _load(line: str) -> tuple[str, range] | None:
+    """A global load's kind (see the module docstring) and the registers it fills, or None."""
+    ld = re.search(r"LDG\.E\.(128|64)(\.CONSTANT)?\s+R(\d+),", line)
+    if not ld:
+        return None
+    kind = "z" if ld.group(1) == "64" else "x" if ld.group(2) else "W"
+    first = int(ld.group(3))
+    return kind, range(first, first + (4 if ld.group(1) == "128" else 2))
+
+
+def loop_body(listing: str) -> list[str]:
+    """The instruction kinds (see the module docstring) of the loop that holds the mma, in order."""
+    kinds = []
+    for line in _mma_loop(listing):
+        load = _load(line)
+        if "HMMA" in line:
+            kinds.append("M")
+        elif re.search(r"\bBAR\.", line):
+            kinds.append("B")
+        elif load:
+            kinds.append(load[0])
+    return kinds
+
+
+def copied_loads(listing: str) -> list[str]:
+    """The kinds (as ``loop_body``'s) of the loads in the mma's loop whose registers a later move of the loop
+    copies: such a copy waits for its load, so a load copied at the loop's end is waited for in the step."""
+    loaded, copied = {}, []
+    for line in _mma_loop(listing):
+        load = _load(line)
+        if load:
+            loaded.update({r: load[0] for r in load[1]})
+        mv = re.search(r"\bI?MAD\.MOV\.U32\s+R\d+,\s*RZ,\s*RZ,\s*R(\d+)\b|\bMOV\s+R\d+,\s*R(\d+)\b", line)
+        if mv and int(mv.group(1) or mv.group(2)) in loaded:
+            copied.append(loaded[int(mv.group(1) or mv.group(2))])
+    return copied
 
 
 def run(cfg: dict) -> dict:
