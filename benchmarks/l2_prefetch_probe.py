@@ -53,10 +53,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--windows", type=float, nargs="*", default=[4, 12, 24, 36])
+    ap.add_argument("--caps", type=float, nargs="*", default=[4, 16, 32])
+    ap.add_argument("--chunk", type=int, default=l2_prefetch.CHUNK, help="bytes a prefetch instruction")
+    ap.add_argument("--block", type=int, default=l2_prefetch.BLOCK, help="prefetches (threads) a program")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
+    l2_prefetch.CHUNK, l2_prefetch.BLOCK = args.chunk, args.block
     clock_hz = 1.98e9  # the H100/H200 boost clock: the spins' durations are approximate
     bw = copy_bandwidth()
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -92,38 +95,46 @@ def main() -> int:
                     out.append((t, s0 - st, s1 - st))
         return out
 
-    def launches(window_mb: float | None, gaps: bool, empty: bool = False) -> list:
+    def launches(mode: str, window_mb: float, gaps: bool, cap_mb: float = 1e9) -> list:
+        """``mode``: "none"; "empty" (a prefetch launch with nothing to fetch before each linear); "window" (before
+        each linear, its bytes shifted ``window_mb`` ahead); "next" (after each linear, before the kernels
+        between, the first ``cap_mb`` of the next linear's words and scales)."""
+        n_lin = args.layers * len(LINEARS)
         plans = []
-        for li in range(args.layers):
-            for j in range(len(LINEARS)):
-                i = 2 * (li * len(LINEARS) + j)
-                lo, hi = starts[i], starts[i + 1] + sizes[i + 1]  # this linear's words and scales
-                if window_mb is None:
-                    plans.append(None)
-                elif empty:
-                    plans.append(l2_prefetch.plan([], dev))
-                else:
-                    w = int(window_mb * 2**20)
-                    plans.append(l2_prefetch.plan(ranges(lo + w, hi + w), dev))
+        for i in range(n_lin):
+            lo, hi = starts[2 * i], starts[2 * i + 1] + sizes[2 * i + 1]  # linear i's words and scales
+            if mode == "empty":
+                plans.append(l2_prefetch.plan([], dev))
+            elif mode == "window":
+                w = int(window_mb * 2**20)
+                plans.append(l2_prefetch.plan(ranges(lo + w, hi + w), dev))
+            elif mode == "next":
+                j = (i + 1) % n_lin
+                lo, hi = starts[2 * j], starts[2 * j + 1] + sizes[2 * j + 1]
+                plans.append(l2_prefetch.plan(ranges(lo, min(hi, lo + int(cap_mb * 2**20))), dev))
+            else:
+                plans.append(None)
         fns = []
         for li, layer in enumerate(layers):
             for j, ((name, n, k, gap_us), (qw, szp)) in enumerate(zip(LINEARS, layer)):
                 p = plans[li * len(LINEARS) + j]
-                if p is not None:
+                if p is not None and mode != "next":
                     fns.append(lambda p=p: l2_prefetch.prefetch(p))
                 fns.append(lambda x=xs[k], qw=qw, szp=szp: int4_mma.matmul(x, qw, szp, 128))
+                if p is not None and mode == "next":
+                    fns.append(lambda p=p: l2_prefetch.prefetch(p))
                 if gaps:
                     for us in gap_us:
                         fns.append(lambda c=cycles[us]: _spin[(1,)](sink, c, num_warps=1))
         return fns
 
-    variants = [("none", None, True, False), ("empty", 0.0, True, True)]
-    variants += [(f"W={w:g}MB", w, True, False) for w in args.windows]
-    variants += [("nogap-none", None, False, False), ("nogap-W=24MB", 24.0, False, False)]
+    variants = [("none", "none", 0, True, 1e9), ("empty", "empty", 0, True, 1e9), ("W=24MB", "window", 24, True, 1e9)]
+    variants += [(f"next<={c:g}MB", "next", 0, True, c) for c in args.caps]
+    variants += [("nogap-none", "none", 0, False, 1e9), ("nogap-next<=16MB", "next", 0, False, 16)]
     results = []
     per_layer_bytes = total / args.layers
-    for name, window, gaps, empty in variants:
-        fns = launches(window, gaps, empty)
+    for name, mode, window, gaps, cap in variants:
+        fns = launches(mode, window, gaps, cap)
         us = graph_time_us([lambda fns=fns: [f() for f in fns]], args.reps) / args.layers
         row = {"variant": name, "us_per_layer": round(us, 2), "floor_us": round(per_layer_bytes / bw * 1e6, 2),
                "gaps_us": sum(sum(g) for *_, g in LINEARS) if gaps else 0.0, "layers": args.layers,
