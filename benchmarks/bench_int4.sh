@@ -15,14 +15,8 @@
 #             the table's programs; correctness checks of the ring programs only; feeds the latency phase too
 #   interleave  the same with --interleave (M = 1 and 16): the table's and the ring's best programs with slices
 #             interleaved or not; checks the ring and interleave programs only; feeds the latency phase too
-#   stages    the same with --stages (M = 1): weights and scales through the compiler's software pipeline
-#             (cp.async into shared memory, 2 or 4 steps ahead) against the table's programs; checks the stages
-#             programs only; feeds the latency phase too
 #   deep      the same with --deep (M = 1): the ring with 32-64 superblock loads a program a step, up to 8 warps;
 #             checks the ring programs only; feeds the latency phase too
-#   wide      the int4 GEMM's tests on the GPU and check_int4_gemm.py --sweep (M = 1, 16, 64, 256: every
-#             candidate config, bf16 F.linear beside), both with the wide kernel among the candidates
-#             (FRAMEWORK_INT4_WIDE=1)
 #   latency   framework bench latency at batch 1, 16, 32, 64, 256 (prompt 128, output 128): bf16 and GPTQ (AWQ
 #             runs the same kernels) as configured by default (programmatic dependent launches for steps of up
 #             to 8 rows: FRAMEWORK_PDL=auto), GPTQ with SiLU-and-mul fused into gate/up
@@ -73,9 +67,6 @@ for p in $PHASES; do
     ring) phase ring 420 python3 -W ignore benchmarks/check_int4_mma.py --ring --checks ring --out "$OUT/kernel" ;;
     interleave) phase interleave 420 python3 -W ignore benchmarks/check_int4_mma.py --interleave --checks ring,interleave \
         --out "$OUT/kernel" ;;
-    wide) phase wide_tests 240 env FRAMEWORK_INT4_WIDE=1 python3 -m pytest -q -x tests/quant/test_triton_int4.py
-          phase wide 420 env FRAMEWORK_INT4_WIDE=1 python3 -W ignore benchmarks/check_int4_gemm.py --sweep --out "$OUT/gemm" ;;
-    stages) phase stages 450 python3 -W ignore benchmarks/check_int4_mma.py --stages --checks stages --out "$OUT/kernel" ;;
     deep) phase deep 450 python3 -W ignore benchmarks/check_int4_mma.py --deep --checks ring --out "$OUT/kernel" ;;
     inflight) phase inflight 300 python3 -W ignore benchmarks/check_int4_mma.py --inflight --out "$OUT/kernel" ;;
     latency)

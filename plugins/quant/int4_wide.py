@@ -19,8 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins.quant.triton_int4 import _splits, _sum_splits  # (triton_int4 imports this module when it runs it)
-
 # the K depth of one product (tl.dot's least): BLOCK_KP words, so a step covers BLOCK_KP * pack inputs
 BLOCK_KP = 16
 
@@ -79,6 +77,8 @@ def _wide_kernel(
 def run_wide(x, qweight, scales, zeros, group_size: int, bits: int, cfg) -> torch.Tensor:
     """``x @ W^T`` ``[M, N]`` with ``cfg``'s block_m, block_n, split_k, num_warps, num_stages (its block_k is
     BLOCK_KP * pack, whatever the config says)."""
+    from plugins.quant.triton_int4 import _splits, _sum_splits
+
     (M, K), N = x.shape, qweight.shape[1]
     pack = 32 // bits
     if not applicable(group_size, bits, K):
