@@ -193,7 +193,7 @@ def timing(ms, gen, start=None, int8_tune_until_s=110.0) -> list[dict]:
                     _chosen(m, n, k, bits, dtype, x.device)
                 )
             cfg4 = _chosen(m, n, k, 4, dtype, x.device)
-            if cfg4 is not None and cfg4.kind in triton_int4.SERIAL_REDUCE and cfg4.split_k > 1:
+            if cfg4 is not None and cfg4.kind != "dequant" and cfg4.split_k > 1:
                 # A/B: the same config with the other split-K reduction (in-kernel <-> second kernel)
                 serial = triton_int4.SERIAL_REDUCE[cfg4.kind]
                 triton_int4.SERIAL_REDUCE[cfg4.kind] = not serial
@@ -290,7 +290,7 @@ def sweep(gen, deadline_s=160.0) -> dict:
             )
             t, c = res[0]
             t2 = float("nan")
-            if c.kind in triton_int4.SERIAL_REDUCE:  # (the wide kernel always reduces in a second kernel)
+            if c.kind != "dequant":
                 triton_int4.SERIAL_REDUCE[c.kind] = not triton_int4.SERIAL_REDUCE[
                     c.kind
                 ]

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 class Config:
     """One way to run a shape. ``split_k``: K slices (programs along grid axis 1) asked for."""
 
-    kind: str  # "gemv" (M == 1), "gemm", "wide" (plugins.quant.int4_wide), "dequant" (dense weight + matmul)
+    kind: str  # "gemv" (M == 1), "gemm", or "dequant" (dense weight + torch.matmul)
     block_m: int = 16
     block_n: int = 128
     block_k: int = 128
@@ -88,33 +88,10 @@ _GEMM_TILES = (  # (block_m, block_n, block_k, warps, stages) for M > 64
 )  # fmt: skip
 
 
-# (block_n, warps, stages) of the "wide" kernel (plugins.quant.int4_wide): the weights' side of the tile
-_WIDE_TILES = ((64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3))
-
-
-def _wide_candidates(m: int, n: int, k: int, group_size: int, bits: int, sms: int) -> list[Config]:
-    """The wide kernel's configs for the bucket ``m``, where the layer allows it and ``FRAMEWORK_INT4_WIDE=1``
-    (off until it has run on a GPU): block_m the rows' side (one or two tiles up to 128 rows), split-K where
-    the tiles are too few for the multiprocessors."""
-    from plugins.quant import int4_wide
-
-    if os.environ.get("FRAMEWORK_INT4_WIDE", "0") != "1" or m < 16 or not int4_wide.applicable(group_size, bits, k):
-        return []
-    steps = k // (int4_wide.BLOCK_KP * (32 // bits))
-    out = []
-    for bm in sorted({min(128, triton.next_power_of_2(m)), min(64, triton.next_power_of_2(m))}):
-        for bn, warps, stages in _WIDE_TILES:
-            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-            for waves in (0, 1, 2) if tiles < 2 * sms else (0,):
-                split = _split_for(tiles, steps, waves * sms) if waves else 1
-                out.append(Config("wide", bm, bn, int4_wide.BLOCK_KP * (32 // bits), split, warps, stages))
-    return out
-
-
-def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device, bits: int = 4) -> list[Config]:
+def candidate_configs(m: int, n: int, k: int, group_size: int, device: torch.device) -> list[Config]:
     """What tuning times for the bucket ``m`` (the heuristic first)."""
     sms = num_sms(device)
-    out = [heuristic_config(m, n, k, group_size, device)] + _wide_candidates(m, n, k, group_size, bits, sms)
+    out = [heuristic_config(m, n, k, group_size, device)]
     if m == 1:
         for bn, bk, warps in _GEMV_TILES:
             kb = k // _block_k(group_size, bk, k)
@@ -209,7 +186,7 @@ def _tune(key, run, x, qweight, scales, zeros, group_size, bits) -> Config:
     from triton.testing import do_bench
 
     best, best_ms = None, float("inf")
-    for cfg in candidate_configs(key[0], key[1], key[2], group_size, x.device, bits):
+    for cfg in candidate_configs(key[0], key[1], key[2], group_size, x.device):
         try:
             ms = do_bench(
                 lambda cfg=cfg: run(x, qweight, scales, zeros, group_size, bits, cfg), warmup=3, rep=15, return_mode="median"

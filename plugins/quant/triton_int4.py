@@ -8,7 +8,7 @@ Layout (``plugins.quant.int4_common``; ``pack = 32 // bits``)::
     zeros    [G, N] x.dtype
     W[n, k] = (q[k, n] - zeros[g, n]) * scales[g, n],  g = k // group_size;   y = x @ W^T
 
-Four paths, picked per (M bucket, N, K, group, bits, dtype):
+Three paths, picked per (M bucket, N, K, group, bits, dtype):
 
 * ``gemv`` (M == 1): each program streams a [BLOCK_K/pack, BLOCK_N] tile of packed
   words per step over a slice of K (split-K). No integer-to-float conversion
@@ -25,9 +25,6 @@ Four paths, picked per (M bucket, N, K, group, bits, dtype):
 * ``gemm``: a [BLOCK_M, BLOCK_N] output tile; each K step dequantizes a
   [BLOCK_K, BLOCK_N] tile to x.dtype in registers and ``tl.dot``s it with the
   x tile. Optional split-K for small M. BLOCK_K divides group_size.
-* ``wide`` (``plugins.quant.int4_wide``): the transposed product, the dequantized weights as the first
-  operand, one packed slice of K at a time (no unpacked tile); a tuning candidate from 16 rows under
-  ``FRAMEWORK_INT4_WIDE=1`` (off until it has run on a GPU).
 * ``dequant`` (large M): dequantize the whole weight to x.dtype once, then
   cuBLAS (``torch.matmul``); chosen when measured faster (M >= 256 on an H200).
 
@@ -337,10 +334,6 @@ def _run(x, qweight, scales, zeros, group_size, bits, cfg: Config) -> torch.Tens
         return _run_gemv(x, qweight, scales, zeros, group_size, bits, cfg)
     if cfg.kind == "gemm":
         return _run_gemm(x, qweight, scales, zeros, group_size, bits, cfg)
-    if cfg.kind == "wide":
-        from plugins.quant.int4_wide import run_wide
-
-        return run_wide(x, qweight, scales, zeros, group_size, bits, cfg)
     return torch.matmul(x, dequantize_triton(qweight, scales, zeros, group_size, bits))
 
 

@@ -205,49 +205,13 @@ def test_dequantize_triton(bits, group, dtype):
     )
 
 
-WIDE = [
-    (16, Config("wide", 16, 64, 128, split_k=1)),
-    (33, Config("wide", 64, 128, 128, split_k=3)),  # 4 K steps (K = 512) over 3 programs: uneven
-    (100, Config("wide", 64, 64, 128, split_k=1)),  # two row tiles, the second partly past M
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("bits,group", [(4, 128), (4, "K"), (8, 64)])
-@pytest.mark.parametrize("m,config", WIDE, ids=[f"m{m}-s{c.split_k}-n{c.block_n}" for m, c in WIDE])
-def test_wide_kernel(m, config, bits, group, dtype):
-    """The transposed kernel (plugins.quant.int4_wide): N = 200 (a tile past it), groups of 128 and of K for
-    int4, 64 for int8 (a K step is 16 packed rows), split-K through the workspace."""
-    k = 512
-    run_case(m, 200, k, k if group == "K" else group, bits, dtype, config=config, seed=m + bits)
-
-
-def test_wide_kernel_needs_a_step_within_a_group(monkeypatch):
-    """Its configs are tuning candidates under FRAMEWORK_INT4_WIDE=1 only, and where a K step lies in one group."""
-    from plugins.quant import int4_wide
-
-    monkeypatch.delenv("FRAMEWORK_INT4_WIDE", raising=False)
-    assert all(c.kind != "wide" for c in int4_configs.candidate_configs(100, 72, 256, 128, torch.device(DEVICE)))
-    monkeypatch.setenv("FRAMEWORK_INT4_WIDE", "1")
-
-    assert int4_wide.applicable(128, 4, 4096) and int4_wide.applicable(64, 8, 4096)
-    assert not int4_wide.applicable(64, 4, 4096) and not int4_wide.applicable(32, 8, 4096)
-    def kinds(group, m=100):
-        return {c.kind for c in int4_configs.candidate_configs(m, 72, 256, group, torch.device(DEVICE))}
-
-    assert "wide" in kinds(128) and "wide" not in kinds(64) and "wide" not in kinds(128, m=8)
-    with pytest.raises(ValueError, match="group_size and K multiples of 128"):
-        run_case(33, 72, 256, 64, 4, torch.float32, config=Config("wide", 64, 64, 128))
-
-
-def test_candidate_configs_are_valid(monkeypatch):
+def test_candidate_configs_are_valid():
     """Every config tuning may pick runs the op correctly (small shape, as the interpreter allows)."""
-    monkeypatch.setenv("FRAMEWORK_INT4_WIDE", "1")
     for m in (1, 6, 100):
         for cfg in int4_configs.candidate_configs(m, 72, 128, 128, torch.device(DEVICE)):
             if cfg.block_n <= 128 and cfg.block_m <= 64:  # keep the interpreter quick
                 run_case(m, 72, 128, 128, 4, torch.float32, config=cfg, seed=m)
-            assert cfg.kind in ("gemv", "gemm", "wide", "dequant") and (
+            assert cfg.kind in ("gemv", "gemm", "dequant") and (
                 cfg.kind != "gemv" or m == 1
             )
             assert cfg.split_k >= 1
