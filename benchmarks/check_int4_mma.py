@@ -128,21 +128,6 @@ def configs(mode: str):
             for inter in (False, True) if kw.get("kslices", 1) > 1 else (False,):
                 yield {**kw, **({"interleave": True} if inter else {})}, wave
         return
-    if mode == "stages":  # the table's programs, then weights and scales through the compiler's pipeline
-        for cfg in {json.dumps(c, sort_keys=True) for key, c in int4_mma.TUNED.items() if not key[2:]}:
-            kw = json.loads(cfg)
-            yield {k: v for k, v in kw.items() if k != "split"}, -1 if kw.get("split") == 1 else 0
-        for (r, ks), u in itertools.product(((1, 8), (2, 4), (1, 4), (2, 2), (4, 1), (4, 2), (8, 1), (1, 16)), (1, 2, 4)):
-            rows = r * ks
-            if rows * u > 32 or rows * u < 4:
-                continue
-            for w, stages in itertools.product(sorted({min(rows, 4), min(rows, 8)}), (3, 5)):
-                for inter in (False, True) if ks > 1 else (False,):
-                    kw = dict(rows=r, kslices=ks, unroll=u, num_warps=w, stages=stages)
-                    yield {**kw, **({"interleave": True} if inter else {})}, -1
-                    if rows * u <= 8 and stages == 3 and not inter:
-                        yield kw, 0  # and the launcher's split-K
-        return
     if mode == "deep":  # the ring with more in flight: 32-64 superblock loads a program a step, up to 8 warps
         for cfg in {json.dumps(c, sort_keys=True) for key, c in int4_mma.TUNED.items() if not key[2:]}:
             kw = json.loads(cfg)
@@ -252,7 +237,6 @@ def main() -> int:
                     help="warps over two tile rows, xjit, barrier (and depth 2), M = 1")  # fmt: skip
     ap.add_argument("--ring", action="store_true", help="the ring of two register sets (plain, xjit, barrier), M = 1")
     ap.add_argument("--interleave", action="store_true", help="the table's and the ring's best programs, slices interleaved or not")
-    ap.add_argument("--stages", action="store_true", help="weights and scales through the compiler's software pipeline, M = 1")
     ap.add_argument("--deep", action="store_true", help="the ring with 32-64 superblock loads a program a step, M = 1")
     ap.add_argument("--checks", default="", help="check only the CHECKED programs that set one of these keywords (KEY,KEY...; and the table's)")
     ap.add_argument("--reps", type=int, default=20)
@@ -274,7 +258,7 @@ def main() -> int:
         print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
         result["copy_gbps"] = bw / 1e9
         mode = ("extended" if args.extended else "inflight" if args.inflight else "ring" if args.ring
-                else "interleave" if args.interleave else "stages" if args.stages else "deep" if args.deep else "quick" if args.quick else "full")  # fmt: skip
+                else "interleave" if args.interleave else "deep" if args.deep else "quick" if args.quick else "full")  # fmt: skip
         result["sweep"] = sweep(bw, mode, args.reps, tuple(args.m))
         # the split is left to the launcher, but for one split (no workspace: a different program)
         tuned = {"x".join(map(str, (r["n"], r["k"]) + int4_mma._band(r["m"]))):

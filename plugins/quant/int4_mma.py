@@ -41,8 +41,8 @@ from framework.ops import pdl as pdl_launch
 from framework.ops.pdl import gdc_launch_dependents
 from framework.ops.split_k import arrival_counters, num_sms
 from plugins.quant.int4_mma_asm import (  # noqa: F401 - _asm and the load asm re-exported (tests, ablations)
-    _LOAD_X_ASM, _LOAD_X_CONSTRAINTS, _LOAD_Z_ASM, _LOAD_Z_CONSTRAINTS, _asm, _load_scales, _load_step,
-    _load_words, _mma_step, _ring_half,
+    _LOAD_X_ASM, _LOAD_X_CONSTRAINTS, _LOAD_Z_ASM, _LOAD_Z_CONSTRAINTS, _asm, _load_step, _load_words,
+    _mma_step, _ring_half,
 )
 from plugins.quant.int4_mma_emulated import emulated_step
 from plugins.quant.int4_mma_epilogue import mma_out_kernel, store_tile, write_out
@@ -81,7 +81,6 @@ def _mma_kernel(
     BARRIER: tl.constexpr = False,  # XJIT, with a CTA barrier after the next step's loads: see the main loop
     RING: tl.constexpr = False,  # two steps' loads in flight in two register sets, no copies: see the main loop
     INTERLEAVE: tl.constexpr = False,  # slice s takes superblocks s U .. s U + U - 1 of every KS U (not a run)
-    STAGES: tl.constexpr = 1,  # > 1: weight and scale words through the compiler's pipeline: see the main loop
 ):
 # fmt: on
     # Every tensor of the main loop is [R KS, 128 U] and reaches memory only through loads and stores contiguous
@@ -122,8 +121,7 @@ def _mma_kernel(
         lim = tl.minimum(sb + per_ks, sb1)[:, None]
     else:
         lim = sb1
-    if STAGES == 1:
-        qw = _load_words(w_rows, c, rb_mask, sb, lim, u, EVICT)
+    qw = _load_words(w_rows, c, rb_mask, sb, lim, u, EVICT)
     if DEPTH == 2:  # the step after the first, in flight too
         qw_later = _load_words(w_rows, c, rb_mask, sb + STEP, sb1, u, EVICT)
     if PDL:
@@ -132,25 +130,8 @@ def _mma_kernel(
         # this wait; x is read with coherent loads, which the compiler keeps below it (it moves .nc loads above).
         tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.b32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
                                   pack=1)  # fmt: skip
-    if STAGES == 1:
-        xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, lim, u, K, GROUP, MB, PDL, EMULATE)
-    if STAGES > 1:
-        # The compiler's software pipeline: the weight and the scale words of the next STAGES - 1 steps are
-        # copied asynchronously into shared memory (cp.async), so no register holds a load across a step and no
-        # copy waits for DRAM (session 15's pipeline kept the scales a step ahead in registers: the copy waited).
-        # The activations come in the step (L1 hits).
-        sb0 = sb
-        for i in tl.range(0, per_ks, U, num_stages=STAGES):
-            sbi = sb0 + i * (STEP // U)
-            qw = _load_words(w_rows, c, rb_mask, sbi, sb1, u, EVICT)
-            zv = _load_scales(sz_ptr, rb, NB, G, g, c, sbi, u, K, GROUP)
-            xvs, _ = _load_step(x_row, x_step, x_dead, z_rows, sbi, sb1, u, K, GROUP, MB, PDL, EMULATE)
-            if EMULATE:
-                accs = emulated_step(qw, accs, x_ptr, sxm, sz_ptr, rb, NB, G, sbi, sb1, c, M, K, GROUP, MAGIC, R * KS,
-                                     U, MB)  # fmt: skip
-            else:
-                accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
-    elif RING:
+    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, lim, u, K, GROUP, MB, PDL, EMULATE)
+    if RING:
         # Loads held a step ahead in registers and then copied into the registers the mma reads (the loop-carried
         # values below) make every step wait out a DRAM round trip: the copy waits for the load (seen in the SASS:
         # ptxas then issues the loads just before it, after the step's mma). Two register sets, each reloaded
@@ -282,7 +263,7 @@ def mma_matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
     pdl: bool = False, kslices: int = 1, paired: bool = False, gated: bool = False, xjit: bool = False,
-    maxnreg: int = 0, barrier: bool = False, ring: bool = False, interleave: bool = False, stages: int = 1,
+    maxnreg: int = 0, barrier: bool = False, ring: bool = False, interleave: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
 
@@ -298,9 +279,7 @@ def mma_matmul(
     compiler's choice), so that more programs fit a multiprocessor; ``ring``: two steps' loads in flight, in
     two register sets that the loop never copies (with ``xjit`` or ``barrier`` as above); ``interleave``: the
     slices take turns at the superblocks, U each (a step of the program reads KS U contiguous superblocks of a
-    row block) instead of one run each; ``stages`` > 1: the weight and scale words through the compiler's
-    software pipeline (cp.async into shared memory, ``stages - 1`` steps ahead; activations in the step), in
-    place of the register prefetch (``ring``, ``depth``, ``barrier`` and ``xjit`` then do not apply)."""
+    row block) instead of one run each."""
     M, K = x.shape
     nb = qweight.shape[0]
     N = nb * 16
@@ -310,8 +289,6 @@ def mma_matmul(
         )
     if rows * kslices & (rows * kslices - 1) or unroll & (unroll - 1):
         raise ValueError(f"rows * kslices ({rows} * {kslices}) and unroll ({unroll}) must be powers of two")
-    if stages > 1 and (ring or barrier or depth > 1):
-        raise ValueError(f"stages ({stages}) > 1 replaces the register prefetch: no ring, barrier or depth 2")
     if gated and not paired:
         raise ValueError("gated needs the paired layout (int4_mma_layout.pair_halves)")
     if gated and rows < 2:
@@ -342,7 +319,7 @@ def mma_matmul(
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
         DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, PAIRED=paired, GATED=gated,
         num_warps=num_warps, num_stages=1,
-        XJIT=xjit, BARRIER=barrier, RING=ring, INTERLEAVE=interleave, STAGES=max(1, stages),
+        XJIT=xjit, BARRIER=barrier, RING=ring, INTERLEAVE=interleave,
         **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
         **({"maxnreg": maxnreg} if maxnreg and not emulate else {}),
     )  # fmt: skip

@@ -1,7 +1,6 @@
 """The per-step pieces of the int4 tensor-core kernel (``plugins.quant.int4_mma``): the inline PTX of a
 superblock's dequantization and ``mma`` (``_asm``) and of the activation and scale loads, and the Triton
-helpers the main loop calls for one step (``_load_step``, ``_mma_step``, ``_load_words``, ``_load_scales``,
-``_ring_half``)."""
+helpers the main loop calls for one step (``_load_step``, ``_mma_step``, ``_load_words``, ``_ring_half``)."""
 
 from __future__ import annotations
 
@@ -155,16 +154,6 @@ def _load_words(w_rows, c, rb_mask, sb, sb1, u, EVICT: tl.constexpr):
     """The step's weight words ``[R KS, 128 U]`` (zeros past the split or the last row block)."""
     return tl.load(w_rows + sb[:, None] * 128 + c[None, :], mask=rb_mask[:, None] & (sb[:, None] + u[None, :] < sb1),
                    other=0, eviction_policy=EVICT)  # fmt: skip
-
-
-@triton.jit
-def _load_scales(sz_ptr, rb, NB, G, g, c, sb, u, K, GROUP: tl.constexpr):
-    """The step's scale/zero words as plain loads, ``[R KS, 128 U]`` (element j of a lane's four is word j % 2 of
-    its rows' pair, as ``_LOAD_Z_ASM`` gives them), for the compiler's software pipeline (``STAGES``)."""
-    grp = tl.minimum((sb[:, None] + u[None, :]) * 64, K - 1) // GROUP
-    rows = tl.minimum(rb, NB - 1)[:, None] * G
-    words = (rows + grp) * 16 + (g * 2 + c % 2)[None, :]  # pairs of words at even offsets: 8-byte copies
-    return tl.load(sz_ptr + tl.max_contiguous(tl.multiple_of(words, [1, 2]), [1, 2]))
 
 
 @triton.jit

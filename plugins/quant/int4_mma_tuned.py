@@ -48,7 +48,7 @@ def tuned() -> dict:
 # mma_matmul's program keywords (what a table entry may give)
 KEYWORDS = frozenset(
     ("rows", "unroll", "split", "num_warps", "depth", "evict", "pdl", "kslices", "xjit", "maxnreg", "barrier", "ring",
-     "interleave", "stages")
+     "interleave")
 )
 
 
@@ -85,8 +85,7 @@ def band(m: int) -> tuple[int, ...]:
 # flight, an evict-first stream, slices of K with and without a split, PDL (sm_90+ only), warps that take
 # more than one tile row, activations loaded in their own step (xjit), a register cap, a barrier keeping
 # the next step's loads ahead of this step's mma, and the ring of two register sets (with an odd count of
-# steps a slice on a layer of 5 superblocks; with xjit, barrier, a workspace, PDL), slices interleaved, and the
-# compiler's software pipeline (one split; interleaved; a workspace and PDL).
+# steps a slice on a layer of 5 superblocks; with xjit, barrier, a workspace, PDL), and slices interleaved.
 CHECKED = [
     DEFAULT,
     {"rows": 4, "unroll": 1, "split": 1},
@@ -111,7 +110,4 @@ CHECKED = [
     {"rows": 1, "kslices": 4, "unroll": 1, "split": 1, "num_warps": 4, "interleave": True},
     {"rows": 2, "kslices": 2, "unroll": 1, "split": 2, "num_warps": 2, "interleave": True, "ring": True},
     {"rows": 1, "kslices": 2, "unroll": 2, "split": 1, "num_warps": 2, "interleave": True, "ring": True, "xjit": True},
-    {"rows": 1, "kslices": 8, "unroll": 2, "split": 1, "num_warps": 4, "stages": 3},
-    {"rows": 2, "kslices": 2, "unroll": 1, "split": 1, "num_warps": 2, "interleave": True, "stages": 4},
-    {"rows": 4, "unroll": 2, "split": 3, "stages": 2, "pdl": True},
 ]

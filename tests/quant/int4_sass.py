@@ -7,9 +7,8 @@ Run as a script (a process of its own: the tests' Triton runs in interpreter mod
 
 prints JSON: ``{"loop": [...], "copied": [...]}``, the kinds of the loop body's memory, barrier and mma
 instructions in order (``W`` a 16-byte global load: weight words, or activations where they are coherent;
-``x`` a 16-byte non-coherent load: activations; ``z`` an 8-byte global load: scale words; ``A`` and ``a`` a
-16- and an 8-byte asynchronous copy into shared memory: weight and scale words of a later step (``stages``);
-``B`` a barrier; ``M`` an ``mma``) and of the loads whose registers the loop copies (``copied_loads``), or ``{"skip": why}``
+``x`` a 16-byte non-coherent load: activations; ``z`` an 8-byte global load: scale words; ``B`` a barrier;
+``M`` an ``mma``) and of the loads whose registers the loop copies (``copied_loads``), or ``{"skip": why}``
 where this Triton cannot compile for sm_90 here.
 """
 
@@ -45,7 +44,7 @@ def sass(cfg: dict) -> str:
         "DEPTH": cfg.get("depth", 1), "EVICT": "", "MB": 1, "PDL": False, "KS": cfg.get("kslices", 1), "DIRECT": True,
         "EMULATE": False, "MAGIC": 128, "PAIRED": False, "GATED": False, "XJIT": cfg.get("xjit", False),
         "BARRIER": cfg.get("barrier", False), "RING": cfg.get("ring", False),
-        "INTERLEAVE": cfg.get("interleave", False), "STAGES": cfg.get("stages", 1),
+        "INTERLEAVE": cfg.get("interleave", False),
     }  # fmt: skip
     names = list(SIGNATURE)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}
@@ -87,8 +86,6 @@ def loop_body(listing: str) -> list[str]:
         load = _load(line)
         if "HMMA" in line:
             kinds.append("M")
-        elif m := re.search(r"\bLDGSTS\.E(?:\.BYPASS)?\.(128|64)\b", line):
-            kinds.append("A" if m.group(1) == "128" else "a")
         elif re.search(r"\bBAR\.", line):
             kinds.append("B")
         elif load:

@@ -140,23 +140,3 @@ def test_ring_never_copies_the_registers_its_weight_and_scale_loads_fill(key):
     assert "W" not in out["copied"] and "z" not in out["copied"], out
     per_thread = program["rows"] * program["kslices"] // program["num_warps"] * program["unroll"]
     assert out["loop"].count("W") >= 2 * per_thread and out["loop"].count("M") >= 8 * per_thread, out
-
-
-@pytest.mark.parametrize("program", [
-    {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "stages": 3},
-    {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4, "interleave": True, "stages": 4},
-])  # fmt: skip
-def test_stages_stream_weights_and_scales_through_shared_memory(program):
-    """With ``stages`` the main loop's weight and scale words of later steps are asynchronous copies into
-    shared memory (sm_90 SASS compiled here): 16-byte copies for each thread's words, 8-byte ones for its scale
-    pairs, and no global load of either in the loop, so no register waits for DRAM across a step."""
-    import int4_sass  # tests/quant/conftest.py puts this directory on sys.path
-
-    out = int4_sass.run(program)
-    if "skip" in out:
-        pytest.skip(out["skip"])
-    loop = out["loop"]
-    per_thread = program["rows"] * program["kslices"] // program["num_warps"] * program["unroll"]
-    assert loop.count("A") == per_thread and loop.count("a") == 2 * per_thread, loop
-    assert "W" not in loop and "z" not in loop and not {"W", "z"} & set(out["copied"]), out
-    assert loop.count("M") == 4 * per_thread, loop
