@@ -22,7 +22,7 @@
 #             to 8 rows: FRAMEWORK_PDL=auto), GPTQ with SiLU-and-mul fused into gate/up
 #             (FRAMEWORK_INT4_FUSED_SILU=1), then bf16 and GPTQ with every decode kernel launched as a programmatic
 #             dependent (FRAMEWORK_PDL=1); VARIANTS="bf16 gptq ..." picks some (also bf16_nopdl, gptq_nopdl:
-#             FRAMEWORK_PDL=0; gptq_nonorm: RMSNorm as its own kernel, FRAMEWORK_INT4_FUSED_NORM=0; gptq_pdl_rest: PDL for all but the int4 kernel; gptq_silu_cap: the fused gate with
+#             FRAMEWORK_PDL=0; gptq_pdl_rest: PDL for all but the int4 kernel; gptq_silu_cap: the fused gate with
 #             its 17-32 row program capped at 128 registers), BATCHES="1 16" the batch sizes; with the tuned
 #             configs of the kernel phase when it ran in the same call (TUNED=0 in the environment: without
 #             them); 30-80 s each
@@ -84,7 +84,6 @@ for p in $PHASES; do
             gptq_nopdl) latency gptq_nopdl "$T" FRAMEWORK_PDL=0 -- --quantization gptq ;;
             gptq_pdl) latency gptq_pdl "$T" FRAMEWORK_PDL=1 -- --quantization gptq ;;
             gptq_silu) latency gptq_silu "$T" FRAMEWORK_INT4_FUSED_SILU=1 -- --quantization gptq ;;
-            gptq_nonorm) latency gptq_nonorm "$T" FRAMEWORK_INT4_FUSED_NORM=0 -- --quantization gptq ;;
             gptq_silu_cap)  # the fused gate, its 17-32 row gate/up program capped at 128 registers (4 programs an SM)
                 latency gptq_silu_cap FRAMEWORK_INT4_FUSED_SILU=1 "FRAMEWORK_INT4_MMA_TUNED=$(python3 -c 'import json, sys
 from plugins.quant.int4_mma_tuned import TUNED

@@ -158,10 +158,6 @@ FUSED_SILU = os.environ.get("FRAMEWORK_INT4_FUSED_SILU", "0") == "1"
 # 16 rows on (docs/benchmarks.md: batch-16 decode 3.72 against 3.33 ms, batch 32 5.12 against 4.37 ms).
 FUSED_SILU_MAX_M = 8
 
-# FRAMEWORK_INT4_FUSED_NORM=0: decode steps run RMSNorm as its own kernel before qkv and gate/up (apply_int_rmsnorm
-# otherwise puts it in the tensor-core kernel's prologue); for A/B measurement.
-FUSED_NORM = os.environ.get("FRAMEWORK_INT4_FUSED_NORM", "1") != "0"
-
 # FRAMEWORK_INT4_SINGLE_COPY=1: a 4-bit layer on CUDA keeps only the tensor-core layout; steps of up to
 # int4_mma.MAX_M rows take that kernel, longer ones dequantize it (Triton) and run one GEMM. It saves the
 # second copy of the codes; the speed of steps of 9 to 255 rows against the tiled kernel is not yet measured,
@@ -220,9 +216,7 @@ def apply_int_rmsnorm(
     from plugins.quant import int4_mma
 
     rows = x.shape[:-1].numel()
-    if not FUSED_NORM or getattr(layer, "mma_qweight", None) is None or layer.perm is not None:
-        return None
-    if x.dtype != layer.scales.dtype:
+    if getattr(layer, "mma_qweight", None) is None or layer.perm is not None or x.dtype != layer.scales.dtype:
         return None
     if not 0 < rows <= int4_mma.NORM_MAX_M or norm_weight.dtype != x.dtype:
         return None
