@@ -187,20 +187,6 @@ class LinearMethod:
         kernel for this step (the caller then runs ``apply`` and SiluAndMul). Optional."""
         return None
 
-    def fuses_silu_and_mul(self, layer: torch.nn.Module, rows: int) -> bool:
-        """Whether ``apply_silu_and_mul`` has its kernel for a step of ``rows`` rows of ``layer`` (the model then
-        runs the norm before the projection on its own). Optional."""
-        return False
-
-    def apply_after_rmsnorm(
-        self, layer: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-        eps: float, bias: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
-        """``apply(layer, RMSNorm(x + residual))`` and the new residual stream ``x + residual`` (``x`` when
-        ``residual`` is None) from one kernel, at ``framework.layers.RMSNorm``'s rounding points, or None where
-        the method has no such kernel for this step (the caller runs the norm, then ``apply``). Optional."""
-        return None
-
 
 class QuantConfig:
     """A quantization method (registered via ``register_quantizers``)."""

@@ -67,15 +67,10 @@ class RMSNorm(nn.Module):
         """``linear(norm(x + residual))`` and the new residual stream ``x + residual`` (``x`` when
         ``residual`` is None): a decoder layer's norm and the projection after it.
 
-        For a few rows on one rank, one kernel computes both where the linear's method has one for the step
-        (``LinearMethod.apply_after_rmsnorm``: the int4 tensor-core kernel's prologue), or, on CUDA with
-        ``linear`` unquantized and the Triton GEMV on, in the GEMV's load prologue
+        For a few rows on CUDA, with ``linear`` unquantized on one rank and the Triton GEMV on, one kernel
+        computes both: the norm runs in the GEMV's load prologue
         (``framework.ops.triton_gemv.gemv_rmsnorm``; ``FRAMEWORK_TRITON_GEMV_NORM=0``: off).
         """
-        if x.shape[:-1].numel() <= 8 and getattr(linear, "tp_size", None) == 1:
-            fused = linear.linear_method.apply_after_rmsnorm(linear, x, residual, self.weight, self.eps, linear.bias)
-            if fused is not None:
-                return fused
         if x.shape[:-1].numel() <= 8 and ops.use_triton(x) and getattr(linear, "tp_size", None) == 1:
             from framework.layers.linear import UnquantizedLinearMethod
             from framework.ops import triton_gemv, triton_rmsnorm

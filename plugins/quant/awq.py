@@ -25,13 +25,11 @@ from torch import nn
 
 from framework.interfaces import LinearMethod, QuantConfig
 from plugins.quant.int4_common import (
-    apply_int_rmsnorm,
     apply_int_silu,
     apply_int_weight,
     check_choice,
     check_group_size,
     checked_parts,
-    fuses_int_silu,
     is_quantized_layer,
     make_param,
     pack_rows,
@@ -156,9 +154,3 @@ class AWQLinearMethod(LinearMethod):
 
     def apply_silu_and_mul(self, layer, x, bias=None):
         return apply_int_silu(layer, x, bias)
-
-    def fuses_silu_and_mul(self, layer, rows):
-        return fuses_int_silu(layer, rows)
-
-    def apply_after_rmsnorm(self, layer, x, residual, norm_weight, eps, bias=None):
-        return apply_int_rmsnorm(layer, x, residual, norm_weight, eps, bias)

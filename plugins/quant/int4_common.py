@@ -201,34 +201,6 @@ def apply_int_silu(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None 
     return None if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def fuses_int_silu(layer: nn.Module, rows: int) -> bool:
-    """Whether ``apply_int_silu`` takes a step of ``rows`` rows of ``layer`` (a bias aside)."""
-    return getattr(layer, "mma_paired", False) and 0 < rows <= FUSED_SILU_MAX_M
-
-
-def apply_int_rmsnorm(
-    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-    bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
-    """``(x' @ W^T + bias, x + residual)`` for ``x' = RMSNorm(x + residual)``, the norm in the tensor-core kernel's
-    prologue (``int4_mma.mma_matmul(norm=...)``: no norm kernel), for steps of up to ``int4_mma.NORM_MAX_M`` rows
-    of a layer with that copy and its inputs in the checkpoint's order; else None (the caller runs the norm)."""
-    from plugins.quant import int4_mma
-
-    rows = x.shape[:-1].numel()
-    if getattr(layer, "mma_qweight", None) is None or layer.perm is not None or x.dtype != layer.scales.dtype:
-        return None
-    if not 0 < rows <= int4_mma.NORM_MAX_M or norm_weight.dtype != x.dtype:
-        return None
-    x2d = x.reshape(rows, x.shape[-1]).contiguous()
-    res = None if residual is None else residual.reshape(x2d.shape).contiguous()
-    out, summed = int4_mma.matmul(x2d, layer.mma_qweight, layer.mma_szp, layer.group_size,
-                                  paired=getattr(layer, "mma_paired", False), norm=(res, norm_weight, eps))  # fmt: skip
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], out.shape[-1]), summed.view(x.shape) if residual is not None else x
-
-
 def _code_order(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``[rows, K]`` with its inputs in the codes' order (act-order checkpoints reorder them)."""
     x2d = x.reshape(-1, x.shape[-1])

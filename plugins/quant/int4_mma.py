@@ -45,7 +45,7 @@ from plugins.quant.int4_mma_asm import (  # noqa: F401 - _asm and the load asm r
     _mma_step, _ring_half,
 )
 from plugins.quant.int4_mma_emulated import emulated_step
-from plugins.quant.int4_mma_epilogue import mma_out_kernel, norm_rows, store_tile, write_out
+from plugins.quant.int4_mma_epilogue import mma_out_kernel, store_tile, write_out
 from plugins.quant.int4_mma_layout import MAGIC_VALUE, pack_scales, reference_matmul, repack
 from plugins.quant.int4_mma_tuned import DEFAULT, TUNED, band as _band, tuned as _tuned  # noqa: F401 - re-exported
 
@@ -63,13 +63,8 @@ def _mma_kernel(
     out_ptr,  # [M, N] in x's dtype
     ws_ptr,  # fp32 [S, tiles, MB, R, 128 U] fragment-ordered partial sums
     cnt_ptr,  # int32 arrival counters, one per tile (SERIAL)
-    r_ptr,  # NORM, HAS_RES: [M, K] residual stream, row stride srm
-    nw_ptr,  # NORM: [K] RMSNorm weight
-    h_ptr,  # NORM, HAS_RES: [M, K] x + residual (the new residual stream), written by program (0, 0)
-    xs_ptr,  # NORM: [M, K] contiguous, RMSNorm(x + residual): every program writes it (the same values) and reads it
     M, N, K, sxm, G, sb_per_split, num_splits,
     row_words,  # 2 * K: int32 words per 16-row block
-    srm, eps,  # NORM: the residual's row stride, RMSNorm's epsilon
     GROUP: tl.constexpr, R: tl.constexpr, U: tl.constexpr, SERIAL: tl.constexpr,
     ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
     DEPTH: tl.constexpr = 1,  # steps of weight words in flight ahead of the one computing (1 or 2)
@@ -86,10 +81,6 @@ def _mma_kernel(
     BARRIER: tl.constexpr = False,  # XJIT, with a CTA barrier after the next step's loads: see the main loop
     RING: tl.constexpr = False,  # two steps' loads in flight in two register sets, no copies: see the main loop
     INTERLEAVE: tl.constexpr = False,  # slice s takes superblocks s U .. s U + U - 1 of every KS U (not a run)
-    NORM: tl.constexpr = False,  # the product's input is RMSNorm(x (+ residual)), made by each program first
-    HAS_RES: tl.constexpr = False,  # NORM: x + residual is normalized (and written to h_ptr)
-    NORM_M: tl.constexpr = 1,  # NORM: rows of the prologue's tiles (M or more, a power of two)
-    NORM_BLOCK: tl.constexpr = 512,  # NORM: K elements a row per step of the prologue's loops
 ):
 # fmt: on
     # Every tensor of the main loop is [R KS, 128 U] and reaches memory only through loads and stores contiguous
@@ -102,12 +93,6 @@ def _mma_kernel(
         gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    if NORM:  # the mma reads the normalized rows that the prologue (below) writes
-        xa_ptr = xs_ptr
-        sxa = K
-    else:
-        xa_ptr = x_ptr
-        sxa = sxm
     SB = K // 64
     NB = N // 16
     a = tl.arange(0, R * KS)
@@ -128,8 +113,8 @@ def _mma_kernel(
     STEP: tl.constexpr = KS * U if INTERLEAVE else U
     sb = pid_k * sb_per_split + (a % KS) * (U if INTERLEAVE else per_ks)
     w_rows = qw_ptr + rb.to(tl.int64)[:, None] * row_words
-    x_row = (xa_ptr + g * sxa + t * 16).to(tl.int64, bitcast=True)
-    x_step = sxa.to(tl.int64) * 16  # bytes between rows g and g + 8
+    x_row = (x_ptr + g * sxm + t * 16).to(tl.int64, bitcast=True)
+    x_step = sxm.to(tl.int64) * 16  # bytes between rows g and g + 8
     x_dead = g - M  # >= 0: B's column is past M (zeros)
     z_rows = (sz_ptr + (tl.minimum(rb, NB - 1)[:, None] * G * 8 + g[None, :]) * 2).to(tl.int64, bitcast=True)
     if RING and not INTERLEAVE:  # the ring's last step may run past its slice (an odd count of steps): masked
@@ -145,15 +130,7 @@ def _mma_kernel(
         # this wait; x is read with coherent loads, which the compiler keeps below it (it moves .nc loads above).
         tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.b32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
                                   pack=1)  # fmt: skip
-    if NORM:
-        # RMSNorm at its rounding points, as triton_gemv's fused norm does it: every program normalizes all M rows
-        # into xs (a few KiB from L2, the same values from every program), program (0, 0) writes x + residual.
-        # The weights' first loads are in flight meanwhile; the CTA barrier orders this program's stores before
-        # its (coherent) activation loads.
-        norm_rows(x_ptr, r_ptr, nw_ptr, h_ptr, xs_ptr, sxm, srm, M, K, eps, pid_n + pid_k, HAS_RES, NORM_M,
-                   NORM_BLOCK)  # fmt: skip
-    COHERENT: tl.constexpr = PDL or NORM  # x may have been written since the kernel began: no .nc loads
-    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, lim, u, K, GROUP, MB, COHERENT, EMULATE)
+    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, lim, u, K, GROUP, MB, PDL, EMULATE)
     if RING:
         # Loads held a step ahead in registers and then copied into the registers the mma reads (the loop-carried
         # values below) make every step wait out a DRAM round trip: the copy waits for the load (seen in the SASS:
@@ -161,15 +138,15 @@ def _mma_kernel(
         # right after its mma reads it and read again a step later, need no copy: two steps' words and scales
         # (and activations, but with XJIT or BARRIER) are in flight when a step waits.
         qb = _load_words(w_rows, c, rb_mask, sb + STEP, lim, u, EVICT)
-        xvb, zvb = _load_step(x_row, x_step, x_dead, z_rows, sb + STEP, lim, u, K, GROUP, MB, COHERENT, EMULATE)
+        xvb, zvb = _load_step(x_row, x_step, x_dead, z_rows, sb + STEP, lim, u, K, GROUP, MB, PDL, EMULATE)
         for _ in range(0, per_ks, 2 * U):
             qw, xvs, zv, accs = _ring_half(qw, xvs, zv, accs, sb, w_rows, c, rb_mask, lim, u, x_row, x_step, x_dead,
-                                           z_rows, K, xa_ptr, sxa, sz_ptr, rb, NB, G, M, GROUP, MB, U, R * KS, MAGIC,
-                                           ASM, CONSTRAINTS, EVICT, COHERENT or BARRIER, XJIT or BARRIER, BARRIER,
+                                           z_rows, K, x_ptr, sxm, sz_ptr, rb, NB, G, M, GROUP, MB, U, R * KS, MAGIC,
+                                           ASM, CONSTRAINTS, EVICT, PDL or BARRIER, XJIT or BARRIER, BARRIER,
                                            EMULATE, STEP)  # fmt: skip
             qb, xvb, zvb, accs = _ring_half(qb, xvb, zvb, accs, sb + STEP, w_rows, c, rb_mask, lim, u, x_row,
-                                            x_step, x_dead, z_rows, K, xa_ptr, sxa, sz_ptr, rb, NB, G, M, GROUP, MB, U,
-                                            R * KS, MAGIC, ASM, CONSTRAINTS, EVICT, COHERENT or BARRIER, XJIT or BARRIER,
+                                            x_step, x_dead, z_rows, K, x_ptr, sxm, sz_ptr, rb, NB, G, M, GROUP, MB, U,
+                                            R * KS, MAGIC, ASM, CONSTRAINTS, EVICT, PDL or BARRIER, XJIT or BARRIER,
                                             BARRIER, EMULATE, STEP)  # fmt: skip
             sb = sb + 2 * STEP
     else:
@@ -181,7 +158,7 @@ def _mma_kernel(
             else:
                 qw_next = _load_words(w_rows, c, rb_mask, nxt, sb1, u, EVICT)
             # (with XJIT or BARRIER only the scales of these are used: the activations come in the step, below)
-            xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, COHERENT or BARRIER,
+            xvs_next, zv_next = _load_step(x_row, x_step, x_dead, z_rows, nxt, sb1, u, K, GROUP, MB, PDL or BARRIER,
                                            EMULATE)  # fmt: skip
             if BARRIER:
                 # Without it ptxas issues the next step's loads after this step's mma (it sinks them to their use
@@ -190,10 +167,10 @@ def _mma_kernel(
                 # activations (loaded below, in the step) and so the mma stay below.
                 tl.debug_barrier()
             if XJIT or BARRIER:  # this step's activations now (L1 hits), not a step ahead: fewer registers held
-                xvs, _ = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, COHERENT or BARRIER,
+                xvs, _ = _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP, MB, PDL or BARRIER,
                                     EMULATE)  # fmt: skip
             if EMULATE:
-                accs = emulated_step(qw, accs, xa_ptr, sxa, sz_ptr, rb, NB, G, sb, sb1, c, M, K, GROUP, MAGIC,
+                accs = emulated_step(qw, accs, x_ptr, sxm, sz_ptr, rb, NB, G, sb, sb1, c, M, K, GROUP, MAGIC,
                                      R * KS, U, MB)  # fmt: skip
             else:
                 accs = _mma_step(ASM, CONSTRAINTS, (qw,) + accs + xvs + (zv,), MB)
@@ -226,7 +203,6 @@ def _mma_kernel(
 
 
 MAX_M = 64  # eight column blocks of B, 8 rows of x each
-NORM_MAX_M = 8  # the fused RMSNorm's rows (each program normalizes them all: cheap for few rows only)
 # The layers send steps of up to this many rows here (``FRAMEWORK_INT4_MMA_MAX_M``, at most MAX_M). 32 (four
 # column blocks) is where the kernel still beat the tiled one at every Llama-3-8B shape on an H200
 # (docs/benchmarks.md: e.g. gate_up 42.4 against 75.8 us at 32 rows); at 64 rows the tiled kernel won at every
@@ -241,15 +217,13 @@ def aligned(x: torch.Tensor) -> bool:
 
 def matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int, paired: bool = False,
-    gated: bool = False, norm: tuple | None = None,
-):  # fmt: skip
+    gated: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """``mma_matmul`` with the measured config for the shape, launched as a programmatic dependent where the
     decode kernels are (``framework.ops.pdl``: by default for steps of up to 8 rows)."""
     kwargs = dict(_tuned().get((qweight.shape[0] * 16, x.shape[1]) + _band(x.shape[0]), DEFAULT))
     if "pdl" not in kwargs and pdl_launch.enabled(x.device, x.shape[0]):
         kwargs["pdl"] = True
-    if norm is not None:
-        kwargs["norm"] = norm
     return mma_matmul(x, qweight, szp, group_size, paired=paired, gated=gated, **kwargs)
 
 
@@ -290,8 +264,7 @@ def mma_matmul(
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
     pdl: bool = False, kslices: int = 1, paired: bool = False, gated: bool = False, xjit: bool = False,
     maxnreg: int = 0, barrier: bool = False, ring: bool = False, interleave: bool = False,
-    norm: tuple | None = None,
-):  # fmt: skip
+) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
 
     A program takes ``rows`` 16-row blocks over ``kslices`` slices of its superblocks (``rows * kslices`` tile
@@ -306,11 +279,7 @@ def mma_matmul(
     compiler's choice), so that more programs fit a multiprocessor; ``ring``: two steps' loads in flight, in
     two register sets that the loop never copies (with ``xjit`` or ``barrier`` as above); ``interleave``: the
     slices take turns at the superblocks, U each (a step of the program reads KS U contiguous superblocks of a
-    row block) instead of one run each.
-
-    ``norm``: ``(residual or None, norm_weight, eps)`` for up to NORM_MAX_M rows: the product's input is
-    ``RMSNorm(x + residual)`` (``framework.layers.RMSNorm``'s rounding points), made in the kernel's prologue
-    (no norm kernel), and the call returns ``(out, x + residual)`` (``x`` itself without a residual)."""
+    row block) instead of one run each."""
     M, K = x.shape
     nb = qweight.shape[0]
     N = nb * 16
@@ -320,17 +289,6 @@ def mma_matmul(
         )
     if rows * kslices & (rows * kslices - 1) or unroll & (unroll - 1):
         raise ValueError(f"rows * kslices ({rows} * {kslices}) and unroll ({unroll}) must be powers of two")
-    if norm is not None:
-        residual, norm_weight, eps = norm
-        if M > NORM_MAX_M:
-            raise ValueError(f"norm takes at most {NORM_MAX_M} rows of x; got {M}")
-        if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
-            raise ValueError(f"residual must be {x.dtype} {tuple(x.shape)} with unit last stride; got "
-                             f"{residual.dtype} {tuple(residual.shape)}")  # fmt: skip
-        if norm_weight.shape != (K,) or norm_weight.dtype != x.dtype:
-            raise ValueError(f"norm_weight must be {x.dtype} [{K}]; got {norm_weight.dtype} {tuple(norm_weight.shape)}")
-        if not eps >= 0:
-            raise ValueError(f"eps={eps} must be >= 0")
     if gated and not paired:
         raise ValueError("gated needs the paired layout (int4_mma_layout.pair_halves)")
     if gated and rows < 2:
@@ -354,28 +312,18 @@ def mma_matmul(
     direct = splits == 1
     ws = out if direct else torch.empty((splits, tiles, mb, rows, 128 * unroll), dtype=torch.float32, device=x.device)
     cnt = None if direct else arrival_counters(x.device, tiles)
-    if norm is not None:
-        residual, norm_weight, eps = norm
-        xs = torch.empty((M, K), dtype=x.dtype, device=x.device)
-        h = x if residual is None else torch.empty((M, K), dtype=x.dtype, device=x.device)
-        norm_m = 1 << (max(M, 1) - 1).bit_length()
-        norm_args = dict(NORM=True, HAS_RES=residual is not None, NORM_M=norm_m, NORM_BLOCK=max(128, 2048 // norm_m))
-        operands = (x if residual is None else residual, norm_weight, h, xs)
-        srm, eps = (0 if residual is None else residual.stride(0)), float(eps)
-    else:
-        norm_args, operands, srm, eps = {}, (x, x, x, x), 0, 0.0
     asm, constraints = _asm(x.dtype == torch.bfloat16, mb)
     _mma_kernel[(tiles, splits)](
-        x, qweight, szp, out, ws, cnt if cnt is not None else ws, *operands,
-        M, N, K, x.stride(0), szp.shape[1], per, splits, 2 * K, srm, eps,
+        x, qweight, szp, out, ws, cnt if cnt is not None else ws,
+        M, N, K, x.stride(0), szp.shape[1], per, splits, 2 * K,
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
         DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, PAIRED=paired, GATED=gated,
         num_warps=num_warps, num_stages=1,
-        XJIT=xjit, BARRIER=barrier, RING=ring, INTERLEAVE=interleave, **norm_args,
+        XJIT=xjit, BARRIER=barrier, RING=ring, INTERLEAVE=interleave,
         **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
         **({"maxnreg": maxnreg} if maxnreg and not emulate else {}),
     )  # fmt: skip
     if cnt is None and not direct:
         mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, MB=mb, PAIRED=paired, GATED=gated,
                                   num_warps=4)  # fmt: skip
-    return out if norm is None else (out, h)
+    return out

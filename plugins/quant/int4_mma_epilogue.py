@@ -1,33 +1,11 @@
-"""The prologue and epilogues of the int4 tensor-core kernel (``plugins.quant.int4_mma``): the fused RMSNorm
-of its input (``norm_rows``); where each fragment slot's sum goes in the output, the outputs of a tile (plain,
-paired halves back in order, or ``silu(gate) * up``), and the sum of split-K partials from the fragment-ordered
-workspace."""
+"""The epilogues of the int4 tensor-core kernel (``plugins.quant.int4_mma``): where each fragment slot's sum
+goes in the output, the outputs of a tile (plain, paired halves back in order, or ``silu(gate) * up``), and
+the sum of split-K partials from the fragment-ordered workspace."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from framework.ops.triton_gemv import _act_tile, _row_rstd
-
-
-@triton.jit
-def norm_rows(x_ptr, r_ptr, nw_ptr, h_ptr, xs_ptr, sxm, srm, M, K, eps, pid, HAS_RES: tl.constexpr,
-              NORM_M: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """``xs = RMSNorm(x (+ residual))`` for the M rows (``xs`` contiguous), at ``framework.layers.RMSNorm``'s
-    rounding points (``triton_gemv``'s fused norm: h rounded to the dtype, its mean square in fp32, the
-    normalized row rounded, then times the weight, rounded again); the program with ``pid == 0`` also stores
-    ``h = x + residual`` (the new residual stream, row stride K). Ends with a CTA barrier: the program's
-    stores come before its later (coherent) loads of ``xs``."""
-    rstd = _row_rstd(x_ptr, r_ptr, h_ptr, sxm, srm, K, M, K, eps, pid, HAS_RES, NORM_M, BLOCK)
-    rows = tl.arange(0, NORM_M)
-    for k in range(0, K, BLOCK):
-        cols = k + tl.arange(0, BLOCK)
-        mask = (rows < M)[:, None] & (cols < K)[None, :]
-        y = _act_tile(x_ptr, rows[:, None], cols[None, :], sxm, K, mask, False, r_ptr, srm, nw_ptr, rstd[:, None],
-                      True, HAS_RES)  # fmt: skip
-        tl.store(xs_ptr + rows[:, None] * K + cols[None, :], y, mask=mask)
-    tl.debug_barrier()
 
 
 @triton.jit

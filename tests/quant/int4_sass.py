@@ -24,9 +24,8 @@ from pathlib import Path
 
 SIGNATURE = {
     "x_ptr": "*bf16", "qw_ptr": "*i32", "sz_ptr": "*i32", "out_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-    "r_ptr": "*bf16", "nw_ptr": "*bf16", "h_ptr": "*bf16", "xs_ptr": "*bf16",
     "M": "i32", "N": "i32", "K": "i32", "sxm": "i32", "G": "i32", "sb_per_split": "i32", "num_splits": "i32",
-    "row_words": "i32", "srm": "i32", "eps": "fp32",
+    "row_words": "i32",
 }  # fmt: skip
 ALIGNED = ("x_ptr", "qw_ptr", "sz_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "N", "K", "sxm", "row_words")
 
@@ -45,8 +44,7 @@ def sass(cfg: dict) -> str:
         "DEPTH": cfg.get("depth", 1), "EVICT": "", "MB": 1, "PDL": False, "KS": cfg.get("kslices", 1), "DIRECT": True,
         "EMULATE": False, "MAGIC": 128, "PAIRED": False, "GATED": False, "XJIT": cfg.get("xjit", False),
         "BARRIER": cfg.get("barrier", False), "RING": cfg.get("ring", False),
-        "INTERLEAVE": cfg.get("interleave", False), "NORM": cfg.get("norm", False), "HAS_RES": cfg.get("norm", False),
-        "NORM_M": 1, "NORM_BLOCK": 2048,
+        "INTERLEAVE": cfg.get("interleave", False),
     }  # fmt: skip
     names = list(SIGNATURE)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}

@@ -151,40 +151,6 @@ def test_program_shapes_the_kernel_cannot_run_are_refused():
         int4_mma.mma_matmul(x, qw, szp, 128, rows=2, kslices=1, num_warps=4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))
-@pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_fused_rmsnorm_matches_norm_then_kernel(m, residual, dtype):
-    """``norm=(residual, weight, eps)``: the product of RMSNorm(x + residual) (the layer's own module, then the
-    kernel's reference on its output) and the new residual stream, from one launch (on CPU through the
-    interpreter, in fp16: it rounds bf16 otherwise than the GPU). The normalized input may round one ulp apart
-    (the mean square's summation order), so the outputs agree to the products' tolerance; the residual bit for
-    bit."""
-    from framework.layers.norm import RMSNorm
-
-    dev = "cuda" if CUDA else "cpu"
-    n, k, group = 96, 1024, 128
-    q, scales, zeros = _layer(n, k, group, dtype, seed=m)
-    qw, szp = layout.repack(q).to(dev), layout.pack_scales(scales, zeros).to(dev)
-    gen = torch.Generator().manual_seed(m)
-    x = torch.randn(m, k, generator=gen).to(dtype).to(dev)
-    res = torch.randn(m, k, generator=gen).to(dtype).to(dev) if residual else None
-    norm = RMSNorm(k, eps=1e-5)
-    norm.weight.data = (torch.rand(k, generator=gen) + 0.5).to(dtype).to(dev)
-    normed, summed = norm._norm((x.float() + res.float()).to(dtype) if residual else x), x + res if residual else x
-    ref = layout.reference_matmul(normed.cpu(), qw.cpu(), szp.cpu(), group).float()
-    program = {"rows": 1, "kslices": 2, "unroll": 2, "num_warps": 2, "split": 1, "ring": True}
-    for kw in (program, {"rows": 2, "unroll": 1, "split": 3, "num_warps": 2}):  # one split; a workspace
-        out, h = int4_mma.mma_matmul(x, qw, szp, group, norm=(res, norm.weight, norm.eps), **kw)
-        assert out.shape == (m, n) and h.shape == (m, k)
-        assert ((out.float().cpu() - ref).abs().max() / ref.abs().max()).item() < 5e-3, kw
-        assert torch.equal(h, summed), kw
-    with pytest.raises(ValueError, match="norm takes at most"):
-        int4_mma.mma_matmul(torch.zeros(9, k, dtype=dtype, device=dev), qw, szp, group, norm=(None, norm.weight, 0.0))
-    with pytest.raises(ValueError, match="norm_weight"):
-        int4_mma.mma_matmul(x, qw, szp, group, norm=(res, norm.weight[:-1], 1e-5))
-
-
 @pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU-only hosts (the GPU tests below run the kernel)")
 def test_interpreted_kernel_every_checked_program():
     """fp16 (the interpreter rounds fp16 as the GPU does: the products match to fp32 summation order): every
@@ -433,31 +399,3 @@ def test_model_runs_the_gated_gate_up_kernel(tmp_path, monkeypatch):
     # fp16 tolerance as the other half-precision engine tests (test_gptq.test_cuda_engine_fp16)
     harness.assert_matches_reference(llm, rdir, max_tokens=2 if not CUDA else 8, tol=3e-2 if not CUDA else 1e-1)
     assert True in gated_calls and False in gated_calls  # the fused gate/up, and the other projections
-
-
-def test_model_runs_the_fused_norm(tmp_path, monkeypatch):
-    """A 4-bit GPTQ tiny Llama in fp16 with the tensor-core layout (its kernel interpreted on CPU-only hosts,
-    compiled and in CUDA graphs on GPUs): the decode steps' qkv and gate/up projections take their input norm
-    in the kernel's prologue (no RMSNorm kernel before them), and the model still matches transformers on the
-    dequantized weights."""
-    import quant_harness as harness  # tests/quant/conftest.py puts this directory on sys.path
-    import reference_formats as ref
-
-    from framework.testing import make_tiny_model
-    from plugins.quant import int4_common
-
-    if not CUDA:
-        monkeypatch.setattr(int4_common, "_mma_usable", lambda device, dtype: True)
-    normed_calls = []
-    matmul = int4_mma.matmul
-    monkeypatch.setattr(int4_mma, "matmul",
-                        lambda *a, **kw: normed_calls.append((a[0].shape[0], kw.get("norm") is not None))
-                        or matmul(*a, **kw))  # fmt: skip
-    src = make_tiny_model("LlamaForCausalLM", tmp_path / "m", **{**harness.TINY, "num_hidden_layers": 2})
-    qdir, rdir = ref.quantize_checkpoint(src, tmp_path / "q", tmp_path / "ref", "gptq", bits=4, group_size=64)
-    llm = harness.build_engine(qdir, dtype="float16", device="cuda" if CUDA else "cpu")
-    harness.assert_matches_reference(llm, rdir, max_tokens=2 if not CUDA else 8, tol=3e-2 if not CUDA else 1e-1)
-    fused = [rows for rows, norm in normed_calls if norm]
-    assert fused and max(fused) <= int4_mma.NORM_MAX_M, normed_calls
-    # two of a layer's four projections a step take the norm (qkv and gate/up): o and down never do
-    assert sum(1 for _, norm in normed_calls if not norm) >= len(fused), normed_calls
