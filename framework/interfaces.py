@@ -187,6 +187,11 @@ class LinearMethod:
         kernel for this step (the caller then runs ``apply`` and SiluAndMul). Optional."""
         return None
 
+    def fuses_silu_and_mul(self, layer: torch.nn.Module, rows: int) -> bool:
+        """Whether ``apply_silu_and_mul`` has its kernel for a step of ``rows`` rows of ``layer`` (the model then
+        runs the norm before the projection on its own, not fused with the projection). Optional."""
+        return False
+
 
 class QuantConfig:
     """A quantization method (registered via ``register_quantizers``)."""

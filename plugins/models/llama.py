@@ -38,7 +38,6 @@ from framework.layers import (
     VocabParallelEmbedding,
     get_rope,
 )
-from framework.interfaces import LinearMethod
 from framework.model_config import HFConfig
 from plugins.quant.fp8_kv import load_kv_scale
 
@@ -143,12 +142,11 @@ class LlamaMLP(nn.Module):
 
     def after_norm(self, norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None):
         """``(mlp(norm(hidden + residual)), hidden + residual)``: where the gate/up projection's method computes
-        ``silu(gate) * up`` in one kernel (int4 decode steps), that kernel; else the norm runs with the
-        projection (``RMSNorm.then_linear``) and SiLU-and-mul with the down projection, as before."""
+        ``silu(gate) * up`` in one kernel for this step (``fuses_silu_and_mul``: int4 decode steps with the fused
+        gate), the norm, then that kernel; else the norm runs with the projection (``RMSNorm.then_linear``) and
+        SiLU-and-mul with the down projection."""
         method = self.gate_up_proj.linear_method
-        if getattr(type(method), "apply_silu_and_mul", LinearMethod.apply_silu_and_mul) is not (
-            LinearMethod.apply_silu_and_mul
-        ):  # the method has such a kernel
+        if method.fuses_silu_and_mul(self.gate_up_proj, hidden.shape[:-1].numel()):
             normed, summed = norm(hidden, residual) if residual is not None else (norm(hidden), hidden)
             act = method.apply_silu_and_mul(self.gate_up_proj, normed, self.gate_up_proj.bias)
             if act is not None:

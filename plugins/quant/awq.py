@@ -30,6 +30,7 @@ from plugins.quant.int4_common import (
     check_choice,
     check_group_size,
     checked_parts,
+    fuses_int_silu,
     is_quantized_layer,
     make_param,
     pack_rows,
@@ -154,3 +155,6 @@ class AWQLinearMethod(LinearMethod):
 
     def apply_silu_and_mul(self, layer, x, bias=None):
         return apply_int_silu(layer, x, bias)
+
+    def fuses_silu_and_mul(self, layer, rows):
+        return fuses_int_silu(layer, rows)

@@ -201,6 +201,11 @@ def apply_int_silu(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None 
     return None if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def fuses_int_silu(layer: nn.Module, rows: int) -> bool:
+    """Whether ``apply_int_silu`` takes a step of ``rows`` rows of ``layer`` (a bias aside)."""
+    return getattr(layer, "mma_paired", False) and 0 < rows <= FUSED_SILU_MAX_M
+
+
 def _code_order(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``[rows, K]`` with its inputs in the codes' order (act-order checkpoints reorder them)."""
     x2d = x.reshape(-1, x.shape[-1])

@@ -80,8 +80,10 @@ def test_fused_gate_serves_steps_of_up_to_eight_rows(monkeypatch):
     assert int4_common.apply_int_silu(layer, torch.zeros(2, 4, 16)).shape == (2, 4, 2)
     assert int4_common.apply_int_silu(layer, torch.zeros(int4_common.FUSED_SILU_MAX_M + 1, 16)) is None
     assert int4_common.apply_int_silu(layer, torch.zeros(3, 16), bias=torch.zeros(4)) is None
+    assert int4_common.fuses_int_silu(layer, 8) and not int4_common.fuses_int_silu(layer, 9)
     layer.mma_paired = False
     assert int4_common.apply_int_silu(layer, torch.zeros(3, 16)) is None
+    assert not int4_common.fuses_int_silu(layer, 1)
     assert seen == [(8, True)]
 
 
