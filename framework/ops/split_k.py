@@ -1,5 +1,6 @@
-"""What the split-K Triton kernels share: the device's SM count (it sizes their grids) and the arrival
-counters of a split-K reduction done inside the launch.
+"""What the split-K Triton kernels share: the device's SM count (it sizes their grids), the arrival
+counters of a split-K reduction done inside the launch, and the second launch that adds the partial sums
+where there is none (``sum_splits``).
 
 In-launch reduction: each program of an output tile stores its partial result, then bumps the tile's
 counter (an int32 in a persistent zeroed buffer); the program that arrives last adds the partials and puts
@@ -18,6 +19,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
 MIN_COUNTERS = 1 << 16  # 256 KiB of int32: enough for every kernel's tiles at the engine's sizes
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -61,3 +64,34 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def _sum_splits_kernel(
+    ws_ptr,  # fp32 [S, M, N] partial sums
+    b_ptr,  # [N] bias (read only if HAS_BIAS)
+    out_ptr,  # [M, N], row stride stride_om
+    M, N, S, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``out[m, n] = sum_s ws[s, m, n] + b[n]`` in fp32, in split order, rounded once. Grid ``(M, cdiv(N, BLOCK))``."""
+    m = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(S):
+        acc += tl.load(ws_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_splits(ws: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """``out = ws.sum(0) (+ bias)``: ``ws`` fp32 ``[S, M, N]`` contiguous (or ``[S, M * N]``), ``out`` ``[M, N]``
+    with unit last stride, summed in split order in fp32 and rounded once (one launch)."""
+    m, n = out.shape
+    block = 1024
+    _sum_splits_kernel[(m, triton.cdiv(n, block))](
+        ws, bias if bias is not None else out, out, m, n, ws.shape[0], out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+    )  # fmt: skip

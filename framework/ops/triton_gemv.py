@@ -63,7 +63,7 @@ import triton.language as tl
 from framework.ops import pdl
 from framework.ops.gemv_configs import NORM_TUNED, SILU_TUNED, Config, choose_config, table_entry
 from framework.ops.pdl import pdl_start
-from framework.ops.split_k import arrival_counters
+from framework.ops.split_k import arrival_counters, sum_splits
 
 MAX_M = 8  # the layers use the GEMV up to this many rows (tokens)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -262,26 +262,6 @@ def _gemv_kernel(
         tl.store(out_ptr + om * stride_om + on, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _sum_splits_kernel(
-    ws_ptr,  # fp32 [S, M, N] partial sums
-    b_ptr,  # [N] bias (read only if HAS_BIAS)
-    out_ptr,  # [M, N], row stride stride_om
-    M, N, S, stride_om,
-    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """``out[m, n] = sum_s ws[s, m, n] + b[n]`` in fp32, rounded once. Grid ``(M, cdiv(N, BLOCK))``."""
-    m = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(S):
-        acc += tl.load(ws_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 # Elements a row that the RMSNorm statistics loop reads per step, over all BLOCK_M rows (registers bound it).
 NORM_STAT_ELEMS = 4096
 
@@ -325,7 +305,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: 
 
 
 # Split-K partial sums are added by the last program of each output tile, with the arrival counters of
-# framework.ops.split_k (SERIAL_REDUCE; False or FRAMEWORK_GEMV_SERIAL_REDUCE=0: by _sum_splits_kernel, a
+# framework.ops.split_k (SERIAL_REDUCE; False or FRAMEWORK_GEMV_SERIAL_REDUCE=0: by split_k.sum_splits, a
 # second launch, as also during a CUDA-graph capture that finds no counters).
 SERIAL_REDUCE = os.environ.get("FRAMEWORK_GEMV_SERIAL_REDUCE", "1") != "0"
 
@@ -370,11 +350,7 @@ def _launch(x, weight, bias, out, k: int, silu: bool, config: Config | None, nor
         **pdl.launch_args(x.device, m),
     )  # fmt: skip
     if splits > 1 and counters is None:
-        block = 1024
-        _sum_splits_kernel[(m, triton.cdiv(n, block))](
-            target, bias if bias is not None else target, out, m, n, splits, out.stride(0),
-            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
-        )  # fmt: skip
+        sum_splits(target, out, bias)
     return out
 
 

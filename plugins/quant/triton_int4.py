@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from framework.ops.split_k import arrival_counters
+from framework.ops.split_k import arrival_counters, sum_splits
 from plugins.quant.int4_configs import Config, _block_k, choose_config
 
 MAGIC = tl.constexpr(0x4B000000)  # bit pattern of float32 2**23
@@ -72,7 +72,7 @@ def _finish(
     """Store a program's fp32 result ``y`` at ``offs`` (same offsets in out and in one split of ws).
 
     REDUCE 0: no split, round into out. 1: partial sums into ws split ``pid_k``
-    (``_sum_splits_kernel`` adds them). 2: the same, then the program that
+    (``framework.ops.split_k.sum_splits`` adds them). 2: the same, then the program that
     finds itself last of the ``num_splits`` on its output tile (a counter per
     tile, bumped after a CTA barrier with acquire-release semantics) adds the
     partials in split order (deterministic) into out and resets the counter
@@ -216,17 +216,6 @@ def _gemm_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(ws_ptr, out_ptr, numel, S, BLOCK: tl.constexpr):
-    """out[i] = sum_s ws[s, i], cast to out's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(S):
-        acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _dequant_kernel(
     qw_ptr, s_ptr, z_ptr,
     w_ptr,  # [K, N] dense weights in x dtype (W^T)
@@ -256,7 +245,7 @@ def _splits(k_blocks: int, split_k: int) -> tuple[int, int]:
 
 
 # The in-kernel split-K reduction uses the arrival counters of framework.ops.split_k (one zeroed int32 per
-# output tile; a CUDA-graph capture that finds none reduces with the second kernel instead). Per kind: add split-K partial sums in the kernel (True) or with _sum_splits_kernel. Measured on an H200:
+# output tile; a CUDA-graph capture that finds none reduces with the second kernel instead). Per kind: add split-K partial sums in the kernel (True) or with split_k.sum_splits. Measured on an H200:
 # in-kernel saves 1.5-4 us a call at M=1; for gemm tiles the last program's serial sum of S tiles costs
 # about what the second launch does (M=16) or more (M=64 with many splits), so gemm keeps two kernels.
 SERIAL_REDUCE = {"gemv": True, "gemm": False}
@@ -267,12 +256,6 @@ def _reduce_mode(kind: str, splits: int, tiles: int, device: torch.device) -> tu
         return 0, None
     cnt = arrival_counters(device, tiles) if SERIAL_REDUCE[kind] else None
     return (2, cnt) if cnt is not None else (1, None)
-
-
-def _sum_splits(ws: torch.Tensor, out: torch.Tensor) -> None:
-    numel = out.numel()
-    block = 1024
-    _sum_splits_kernel[(triton.cdiv(numel, block),)](ws, out, numel, ws.shape[0], BLOCK=block, num_warps=4)
 
 
 def _run_gemv(x, qweight, scales, zeros, group_size, bits, cfg: Config) -> torch.Tensor:
@@ -289,7 +272,7 @@ def _run_gemv(x, qweight, scales, zeros, group_size, bits, cfg: Config) -> torch
         REDUCE=reduce, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if reduce == 1:
-        _sum_splits(ws, out)
+        sum_splits(ws, out)
     return out
 
 
@@ -309,7 +292,7 @@ def _run_gemm(x, qweight, scales, zeros, group_size, bits, cfg: Config) -> torch
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if reduce == 1:
-        _sum_splits(ws, out)
+        sum_splits(ws, out)
     return out
 
 
