@@ -81,6 +81,7 @@ def _mma_kernel(
     BARRIER: tl.constexpr = False,  # XJIT, with a CTA barrier after the next step's loads: see the main loop
     RING: tl.constexpr = False,  # two steps' loads in flight in two register sets, no copies: see the main loop
     INTERLEAVE: tl.constexpr = False,  # slice s takes superblocks s U .. s U + U - 1 of every KS U (not a run)
+    EARLY: tl.constexpr = False,  # RING: both register sets' weight and scale loads before the PDL wait
 ):
 # fmt: on
     # Every tensor of the main loop is [R KS, 128 U] and reaches memory only through loads and stores contiguous
@@ -122,6 +123,12 @@ def _mma_kernel(
     else:
         lim = sb1
     qw = _load_words(w_rows, c, rb_mask, sb, lim, u, EVICT)
+    if RING and EARLY:
+        # Both register sets' words and scales (read-only: non-coherent) before the wait below, so that under PDL
+        # two steps' weights stream in while the kernel before this one still runs (the activations come after)
+        qb = _load_words(w_rows, c, rb_mask, sb + STEP, lim, u, EVICT)
+        _, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, lim, u, K, GROUP, MB, False, EMULATE)
+        _, zvb = _load_step(x_row, x_step, x_dead, z_rows, sb + STEP, lim, u, K, GROUP, MB, False, EMULATE)
     if DEPTH == 2:  # the step after the first, in flight too
         qw_later = _load_words(w_rows, c, rb_mask, sb + STEP, sb1, u, EVICT)
     if PDL:
@@ -130,15 +137,20 @@ def _mma_kernel(
         # this wait; x is read with coherent loads, which the compiler keeps below it (it moves .nc loads above).
         tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.b32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
                                   pack=1)  # fmt: skip
-    xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, lim, u, K, GROUP, MB, PDL, EMULATE)
+    if RING and EARLY:
+        xvs, _ = _load_step(x_row, x_step, x_dead, z_rows, sb, lim, u, K, GROUP, MB, PDL, EMULATE)
+        xvb, _ = _load_step(x_row, x_step, x_dead, z_rows, sb + STEP, lim, u, K, GROUP, MB, PDL, EMULATE)
+    else:
+        xvs, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, lim, u, K, GROUP, MB, PDL, EMULATE)
     if RING:
         # Loads held a step ahead in registers and then copied into the registers the mma reads (the loop-carried
         # values below) make every step wait out a DRAM round trip: the copy waits for the load (seen in the SASS:
         # ptxas then issues the loads just before it, after the step's mma). Two register sets, each reloaded
         # right after its mma reads it and read again a step later, need no copy: two steps' words and scales
         # (and activations, but with XJIT or BARRIER) are in flight when a step waits.
-        qb = _load_words(w_rows, c, rb_mask, sb + STEP, lim, u, EVICT)
-        xvb, zvb = _load_step(x_row, x_step, x_dead, z_rows, sb + STEP, lim, u, K, GROUP, MB, PDL, EMULATE)
+        if not EARLY:
+            qb = _load_words(w_rows, c, rb_mask, sb + STEP, lim, u, EVICT)
+            xvb, zvb = _load_step(x_row, x_step, x_dead, z_rows, sb + STEP, lim, u, K, GROUP, MB, PDL, EMULATE)
         for _ in range(0, per_ks, 2 * U):
             qw, xvs, zv, accs = _ring_half(qw, xvs, zv, accs, sb, w_rows, c, rb_mask, lim, u, x_row, x_step, x_dead,
                                            z_rows, K, x_ptr, sxm, sz_ptr, rb, NB, G, M, GROUP, MB, U, R * KS, MAGIC,
@@ -263,7 +275,7 @@ def mma_matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int,
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
     pdl: bool = False, kslices: int = 1, paired: bool = False, gated: bool = False, xjit: bool = False,
-    maxnreg: int = 0, barrier: bool = False, ring: bool = False, interleave: bool = False,
+    maxnreg: int = 0, barrier: bool = False, ring: bool = False, interleave: bool = False, early: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
 
@@ -279,7 +291,8 @@ def mma_matmul(
     compiler's choice), so that more programs fit a multiprocessor; ``ring``: two steps' loads in flight, in
     two register sets that the loop never copies (with ``xjit`` or ``barrier`` as above); ``interleave``: the
     slices take turns at the superblocks, U each (a step of the program reads KS U contiguous superblocks of a
-    row block) instead of one run each."""
+    row block) instead of one run each; ``early`` (with ``ring``): both register sets' weight and scale loads
+    before the PDL wait, not only the first set's weights."""
     M, K = x.shape
     nb = qweight.shape[0]
     N = nb * 16
@@ -319,7 +332,7 @@ def mma_matmul(
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
         DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, PAIRED=paired, GATED=gated,
         num_warps=num_warps, num_stages=1,
-        XJIT=xjit, BARRIER=barrier, RING=ring, INTERLEAVE=interleave,
+        XJIT=xjit, BARRIER=barrier, RING=ring, INTERLEAVE=interleave, EARLY=early and ring,
         **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
         **({"maxnreg": maxnreg} if maxnreg and not emulate else {}),
     )  # fmt: skip

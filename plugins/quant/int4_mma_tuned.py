@@ -48,7 +48,7 @@ def tuned() -> dict:
 # mma_matmul's program keywords (what a table entry may give)
 KEYWORDS = frozenset(
     ("rows", "unroll", "split", "num_warps", "depth", "evict", "pdl", "kslices", "xjit", "maxnreg", "barrier", "ring",
-     "interleave")
+     "interleave", "early")
 )
 
 
@@ -85,7 +85,8 @@ def band(m: int) -> tuple[int, ...]:
 # flight, an evict-first stream, slices of K with and without a split, PDL (sm_90+ only), warps that take
 # more than one tile row, activations loaded in their own step (xjit), a register cap, a barrier keeping
 # the next step's loads ahead of this step's mma, and the ring of two register sets (with an odd count of
-# steps a slice on a layer of 5 superblocks; with xjit, barrier, a workspace, PDL), and slices interleaved.
+# steps a slice on a layer of 5 superblocks; with xjit, barrier, a workspace, PDL; both sets loaded before the
+# PDL wait), and slices interleaved.
 CHECKED = [
     DEFAULT,
     {"rows": 4, "unroll": 1, "split": 1},
@@ -110,4 +111,7 @@ CHECKED = [
     {"rows": 1, "kslices": 4, "unroll": 1, "split": 1, "num_warps": 4, "interleave": True},
     {"rows": 2, "kslices": 2, "unroll": 1, "split": 2, "num_warps": 2, "interleave": True, "ring": True},
     {"rows": 1, "kslices": 2, "unroll": 2, "split": 1, "num_warps": 2, "interleave": True, "ring": True, "xjit": True},
+    {"rows": 1, "kslices": 2, "unroll": 1, "split": 1, "num_warps": 2, "ring": True, "early": True},
+    {"rows": 2, "kslices": 2, "unroll": 2, "split": 3, "num_warps": 4, "ring": True, "early": True, "pdl": True,
+     "xjit": True, "interleave": True},
 ]
