@@ -20,13 +20,16 @@ import os
 # two steps ahead in registers; an evict-first weight stream) won at no shape (``--extended``), ``barrier``
 # (a CTA barrier keeping the next step's loads ahead of the mma) at none without the ring; neither did L2
 # prefetches some steps ahead, nor the weight stream through the compiler's software pipeline (since removed).
+# ``early`` (both register sets' loads before the PDL wait) made batch-1 decode 2.224-2.233 against 2.256-2.258 ms
+# and batch 8 2.440-2.443 against 2.465-2.468 ms (2026-11-21 21:10Z and 21:12Z, same calls).
 _ONE = {"split": 1}
 _RING = {"ring": True, **_ONE}
+_EARLY = {"early": True, **_RING}  # up to 8 rows (PDL steps): both register sets loaded before the PDL wait
 TUNED: dict[tuple[int, ...], dict] = {
-    (6144, 4096): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "xjit": True, **_RING},
-    (4096, 4096): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, **_RING},
-    (28672, 4096): {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4, "xjit": True, "interleave": True, **_RING},
-    (4096, 14336): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "interleave": True, **_RING},
+    (6144, 4096): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "xjit": True, **_EARLY},
+    (4096, 4096): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, **_EARLY},
+    (28672, 4096): {"rows": 2, "kslices": 2, "unroll": 2, "num_warps": 4, "xjit": True, "interleave": True, **_EARLY},
+    (4096, 14336): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "interleave": True, **_EARLY},
     (6144, 4096, 16): {"rows": 1, "kslices": 8, "unroll": 1, "num_warps": 4, "interleave": True, **_RING},
     (4096, 4096, 16): {"rows": 1, "kslices": 8, "unroll": 2, "num_warps": 4, "interleave": True, **_RING},
     (28672, 4096, 16): {"rows": 1, "kslices": 2, "unroll": 1, "num_warps": 2, "interleave": True},
