@@ -61,7 +61,7 @@ latency() {  # latency NAME [ENV=VALUE ...] -- [framework args ...]
 
 for p in $PHASES; do
     case $p in
-    tests) phase tests 360 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/quant/test_int4_mma_programs.py tests/kernels/test_pdl.py ;;
+    tests) phase tests 480 python3 -m pytest -q -x tests/quant/test_int4_mma.py tests/quant/test_int4_mma_programs.py tests/kernels/test_pdl.py ;;
     kernel) phase kernel 400 python3 -W ignore benchmarks/check_int4_mma.py --quick --out "$OUT/kernel" ;;
     extended) phase extended 300 python3 -W ignore benchmarks/check_int4_mma.py --extended --out "$OUT/extended" ;;
     ring) phase ring 420 python3 -W ignore benchmarks/check_int4_mma.py --ring --checks ring --out "$OUT/kernel" ;;
