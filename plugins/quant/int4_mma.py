@@ -41,7 +41,7 @@ from framework.ops import pdl as pdl_launch
 from framework.ops.pdl import gdc_launch_dependents
 from framework.ops.split_k import arrival_counters, num_sms
 from plugins.quant.int4_mma_asm import (  # noqa: F401 - _asm and the load asm re-exported (tests, ablations)
-    _LOAD_X_ASM, _LOAD_X_CONSTRAINTS, _LOAD_Z_ASM, _LOAD_Z_CONSTRAINTS, _asm, _load_step, _load_words,
+    _LOAD_X_ASM, _LOAD_X_CONSTRAINTS, _LOAD_Z_ASM, _LOAD_Z_CONSTRAINTS, _asm, _load_step, _load_words, _load_z,
     _mma_step, _ring_half,
 )
 from plugins.quant.int4_mma_emulated import emulated_step
@@ -127,8 +127,8 @@ def _mma_kernel(
         # Both register sets' words and scales (read-only: non-coherent) before the wait below, so that under PDL
         # two steps' weights stream in while the kernel before this one still runs (the activations come after)
         qb = _load_words(w_rows, c, rb_mask, sb + STEP, lim, u, EVICT)
-        _, zv = _load_step(x_row, x_step, x_dead, z_rows, sb, lim, u, K, GROUP, MB, False, EMULATE)
-        _, zvb = _load_step(x_row, x_step, x_dead, z_rows, sb + STEP, lim, u, K, GROUP, MB, False, EMULATE)
+        zv = _load_z(z_rows, sb, u, K, GROUP, False, EMULATE)
+        zvb = _load_z(z_rows, sb + STEP, u, K, GROUP, False, EMULATE)
     if DEPTH == 2:  # the step after the first, in flight too
         qw_later = _load_words(w_rows, c, rb_mask, sb + STEP, sb1, u, EVICT)
     if PDL:

@@ -122,10 +122,21 @@ def _load_step(x_row, x_step, x_dead, z_rows, sb, sb1, u, K, GROUP: tl.constexpr
                 [xa + cb * x_step, dead + 8 * cb], dtype=tl.int64, is_pure=True, pack=4,
             )  # fmt: skip
             xvs = xvs + (xv,)
+        zv = _load_z(z_rows, sb, u, K, GROUP, COHERENT, EMULATE)
+    return xvs, zv
+
+
+@triton.jit
+def _load_z(z_rows, sb, u, K, GROUP: tl.constexpr, COHERENT: tl.constexpr = False, EMULATE: tl.constexpr = False):
+    """The scale/zero words of superblock ``sb + u`` (``_load_step``'s second half; a placeholder under EMULATE)."""
+    sbu = sb[:, None] + u[None, :]
+    if EMULATE:
+        zv = sbu
+    else:
         za = z_rows + tl.minimum(sbu * 64, K - 1) // GROUP * 64  # bytes: 8 lanes x 8 a group
         zv = tl.inline_asm_elementwise(_LOAD_Z_COHERENT_ASM_C if COHERENT else _LOAD_Z_ASM_C, _LOAD_Z_CONSTRAINTS_C,
                                        [za], dtype=tl.int32, is_pure=True, pack=4)  # fmt: skip
-    return xvs, zv
+    return zv
 
 
 @triton.jit
