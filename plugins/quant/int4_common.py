@@ -195,7 +195,7 @@ def apply_int_silu(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None 
     """``silu(gate) * up`` of the merged gate/up projection ``x @ W^T`` in one kernel (``[..., N / 2]``), for a
     layer in the paired tensor-core layout (``gated_silu``) and a step that kernel takes; else None (the
     caller runs the projection and SiluAndMul)."""
-    if not getattr(layer, "mma_paired", False) or bias is not None or x.numel() > FUSED_SILU_MAX_M * x.shape[-1]:
+    if bias is not None or not fuses_int_silu(layer, x.shape[:-1].numel()):
         return None
     out = _apply_mma(layer, _code_order(layer, x), gated=True)
     return None if out is None else out.reshape(*x.shape[:-1], out.shape[-1])

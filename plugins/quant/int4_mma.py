@@ -302,6 +302,8 @@ def mma_matmul(
         )
     if rows * kslices & (rows * kslices - 1) or unroll & (unroll - 1):
         raise ValueError(f"rows * kslices ({rows} * {kslices}) and unroll ({unroll}) must be powers of two")
+    if early and not ring:
+        raise ValueError("early loads the ring's second register set before the PDL wait: it needs ring")
     if gated and not paired:
         raise ValueError("gated needs the paired layout (int4_mma_layout.pair_halves)")
     if gated and rows < 2:
@@ -332,7 +334,7 @@ def mma_matmul(
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
         DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, PAIRED=paired, GATED=gated,
         num_warps=num_warps, num_stages=1,
-        XJIT=xjit, BARRIER=barrier, RING=ring, INTERLEAVE=interleave, EARLY=early and ring,
+        XJIT=xjit, BARRIER=barrier, RING=ring, INTERLEAVE=interleave, EARLY=early,
         **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
         **({"maxnreg": maxnreg} if maxnreg and not emulate else {}),
     )  # fmt: skip

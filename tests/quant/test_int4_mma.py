@@ -149,6 +149,8 @@ def test_program_shapes_the_kernel_cannot_run_are_refused():
         int4_mma.mma_matmul(x, qw, szp, 128, rows=1, kslices=2, unroll=3)
     with pytest.raises(ValueError, match="num_warps"):  # more warps than tile rows: a layout the PTX does not assume
         int4_mma.mma_matmul(x, qw, szp, 128, rows=2, kslices=1, num_warps=4)
+    with pytest.raises(ValueError, match="needs ring"):
+        int4_mma.mma_matmul(x, qw, szp, 128, rows=2, kslices=1, num_warps=2, early=True)
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU-only hosts (the GPU tests below run the kernel)")
