@@ -192,27 +192,6 @@ class LinearMethod:
         runs the norm before the projection on its own, not fused with the projection). Optional."""
         return False
 
-    def fuses_rmsnorm(self, layer: torch.nn.Module, rows: int) -> bool:
-        """Whether ``apply_add_rmsnorm`` and ``apply_rmsnormed`` have their kernels for a step of ``rows`` rows
-        of ``layer`` (``RMSNorm.linear_between`` fuses a norm into the projections on both sides of it only
-        where both methods say so). Optional."""
-        return False
-
-    def apply_add_rmsnorm(
-        self, layer: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """The projection before an RMSNorm: ``(h * norm_weight, h, stats)`` for ``h = apply(x) + residual``,
-        ``stats`` whatever this method's ``apply_rmsnormed`` needs of ``h`` (its sum of squares). Only called
-        where ``fuses_rmsnorm`` is true."""
-        raise NotImplementedError
-
-    def apply_rmsnormed(
-        self, layer: torch.nn.Module, x: torch.Tensor, stats: object, eps: float, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The projection after an RMSNorm: ``apply(norm(h), bias)`` from ``x = h * norm_weight`` and the
-        ``stats`` of ``apply_add_rmsnorm``. Only called where ``fuses_rmsnorm`` is true."""
-        raise NotImplementedError
-
 
 class QuantConfig:
     """A quantization method (registered via ``register_quantizers``)."""

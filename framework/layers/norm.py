@@ -89,31 +89,5 @@ class RMSNorm(nn.Module):
         normed, summed = self(x, residual)
         return linear(normed), summed
 
-    def linear_between(
-        self, producer: nn.Module, x: torch.Tensor, residual: torch.Tensor, consumer: nn.Module
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``consumer(norm(producer(x) + residual))`` and the new residual stream ``producer(x) + residual``: the
-        projection before a decoder layer's norm, the norm, and the projection after it.
-
-        Where both projections' methods have kernels for it (``LinearMethod.fuses_rmsnorm``: int4 decode steps
-        on CUDA), the norm takes no kernel of its own: the producer adds the residual and applies the norm
-        weight in its epilogue and keeps each row's sum of squares; the consumer scales its sums by the norm's
-        ``rsqrt`` (one rounding of the normalised row fewer than ``forward`` makes). Both must be unsharded
-        (a sharded producer's output is a partial sum until its all-reduce) and the producer without a bias.
-        """
-        rows = x.shape[:-1].numel()
-        pm, cm = producer.linear_method, consumer.linear_method
-        if (
-            getattr(producer, "tp_size", None) == 1
-            and getattr(consumer, "tp_size", None) == 1
-            and getattr(producer, "bias", None) is None
-            and residual.dtype == x.dtype == self.weight.dtype
-            and pm.fuses_rmsnorm(producer, rows)
-            and cm.fuses_rmsnorm(consumer, rows)
-        ):
-            normed, summed, stats = pm.apply_add_rmsnorm(producer, x, residual, self.weight)
-            return cm.apply_rmsnormed(consumer, normed, stats, self.eps, getattr(consumer, "bias", None)), summed
-        return self.then_linear(producer(x), residual, consumer)
-
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"

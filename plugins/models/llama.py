@@ -115,13 +115,9 @@ class LlamaAttention(nn.Module):
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         """The block after the q/k/v projection (the decoder layer fuses that one with its norm)."""
-        return self.o_proj(self.attention(positions, qkv))
-
-    def attention(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
-        """The attention between the q/k/v and the output projections."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # The attention layer rotates q and k (or its backend does, fused into the KV-cache write).
-        return self.attn(q, k, v, positions=positions, rotary=self.rotary_emb)
+        return self.o_proj(self.attn(q, k, v, positions=positions, rotary=self.rotary_emb))
 
 
 class LlamaMLP(nn.Module):
@@ -159,14 +155,6 @@ class LlamaMLP(nn.Module):
         gate_up, summed = norm.then_linear(hidden, residual, self.gate_up_proj)
         return self.from_gate_up(gate_up), summed
 
-    def after_projection(self, norm: nn.Module, proj: nn.Module, x: torch.Tensor, residual: torch.Tensor):
-        """``after_norm(norm, proj(x), residual)``, with the norm fused into ``proj`` and the gate/up projection
-        where their methods can (``RMSNorm.linear_between``) and the fused gate does not take the step."""
-        if self.gate_up_proj.linear_method.fuses_silu_and_mul(self.gate_up_proj, x.shape[:-1].numel()):
-            return self.after_norm(norm, proj(x), residual)
-        gate_up, summed = norm.linear_between(proj, x, residual, self.gate_up_proj)
-        return self.from_gate_up(gate_up), summed
-
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, hf_config: HFConfig, ctx: LayerContext, rotary_emb: RotaryEmbedding, prefix: str):
@@ -182,14 +170,12 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, residual stream before it): the next norm adds them.
 
-        Each norm runs with the projection after it (``RMSNorm.then_linear``: one kernel at decode sizes), or,
-        the post-attention norm of int4 decode steps, with the projections on both sides of it
-        (``RMSNorm.linear_between``);
+        Each norm runs with the projection after it (``RMSNorm.then_linear``: one kernel at decode sizes);
         the first layer has no residual yet (its input is the stream).
         """
         qkv, residual = self.input_layernorm.then_linear(hidden, residual, self.self_attn.qkv_proj)
-        attn = self.self_attn.attention(positions, qkv)
-        return self.mlp.after_projection(self.post_attention_layernorm, self.self_attn.o_proj, attn, residual)
+        hidden = self.self_attn.attend(positions, qkv)
+        return self.mlp.after_norm(self.post_attention_layernorm, hidden, residual)
 
 
 class LlamaModel(nn.Module):

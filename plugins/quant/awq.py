@@ -25,10 +25,12 @@ from torch import nn
 
 from framework.interfaces import LinearMethod, QuantConfig
 from plugins.quant.int4_common import (
-    Int4LinearMethod,
+    apply_int_silu,
+    apply_int_weight,
     check_choice,
     check_group_size,
     checked_parts,
+    fuses_int_silu,
     is_quantized_layer,
     make_param,
     pack_rows,
@@ -94,7 +96,7 @@ class AWQConfig(QuantConfig):
         return f"AWQConfig(bits={self.bits}, group_size={self.group_size}, zero_point={self.zero_point})"
 
 
-class AWQLinearMethod(Int4LinearMethod):
+class AWQLinearMethod(LinearMethod):
     def __init__(self, config: AWQConfig):
         self.config = config
 
@@ -148,3 +150,11 @@ class AWQLinearMethod(Int4LinearMethod):
             layer.qzeros.fill_(0x88888888 - 2**32)
             layer.scales.uniform_(0.5 * 2e-3 / 16, 2e-3 / 16, generator=generator)
 
+    def apply(self, layer, x, bias=None):
+        return apply_int_weight(layer, x, bias)
+
+    def apply_silu_and_mul(self, layer, x, bias=None):
+        return apply_int_silu(layer, x, bias)
+
+    def fuses_silu_and_mul(self, layer, rows):
+        return fuses_int_silu(layer, rows)

@@ -42,10 +42,12 @@ from torch import nn
 from framework.interfaces import LinearMethod, QuantConfig
 from framework.layers.weight_loading import check_shape, copy_into, describe
 from plugins.quant.int4_common import (
-    Int4LinearMethod,
+    apply_int_silu,
+    apply_int_weight,
     check_choice,
     check_group_size,
     checked_parts,
+    fuses_int_silu,
     is_quantized_layer,
     make_param,
     pack_rows,
@@ -113,7 +115,7 @@ class GPTQConfig(QuantConfig):
         )
 
 
-class GPTQLinearMethod(Int4LinearMethod):
+class GPTQLinearMethod(LinearMethod):
     def __init__(self, config: GPTQConfig):
         self.config = config
 
@@ -217,3 +219,11 @@ class GPTQLinearMethod(Int4LinearMethod):
             scale = 2e-3 / (1 << cfg.bits)
             layer.scales.uniform_(0.5 * scale, scale, generator=generator)
 
+    def apply(self, layer, x, bias=None):
+        return apply_int_weight(layer, x, bias)
+
+    def apply_silu_and_mul(self, layer, x, bias=None):
+        return apply_int_silu(layer, x, bias)
+
+    def fuses_silu_and_mul(self, layer, rows):
+        return fuses_int_silu(layer, rows)

@@ -28,8 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.interfaces import LinearMethod
-
 logger = logging.getLogger(__name__)
 
 # fused layer name -> the checkpoint linears it holds (for skip lists)
@@ -206,82 +204,6 @@ def apply_int_silu(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None 
 def fuses_int_silu(layer: nn.Module, rows: int) -> bool:
     """Whether ``apply_int_silu`` takes a step of ``rows`` rows of ``layer`` (a bias aside)."""
     return getattr(layer, "mma_paired", False) and 0 < rows <= FUSED_SILU_MAX_M
-
-
-# FRAMEWORK_INT4_FUSED_NORM=0: the RMSNorm between two int4 projections of a decode step (o -> gate/up) runs as a
-# kernel of its own; by default the projection before it adds the residual and applies the norm weight in its
-# epilogue and the one after it scales its sums by the norm's rsqrt (``int4_mma.mma_matmul``: add_norm,
-# norm_scale).
-FUSED_NORM = os.environ.get("FRAMEWORK_INT4_FUSED_NORM", "1") != "0"
-
-
-def fuses_int_rmsnorm(layer: nn.Module, rows: int) -> bool:
-    """Whether ``apply_int_add_rmsnorm`` and ``apply_int_rmsnormed`` take a step of ``rows`` rows of ``layer``:
-    the tensor-core copy of a plain (not paired) layer, for the steps it takes."""
-    if not FUSED_NORM or getattr(layer, "mma_qweight", None) is None or getattr(layer, "mma_paired", False):
-        return False
-    from plugins.quant import int4_mma
-
-    return 0 < rows <= int4_mma.LAYER_MAX_M
-
-
-def apply_int_add_rmsnorm(
-    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(h * norm_weight, h, stats)`` for ``h = x @ W^T + residual``: the projection before an RMSNorm, in one
-    kernel (``int4_mma.mma_matmul``'s ``add_norm``; only where ``fuses_int_rmsnorm``)."""
-    from plugins.quant import int4_mma
-
-    x2d = _fused_rows(layer, x)
-    res = residual.reshape(x2d.shape[0], -1).contiguous()
-    a, h, ss = int4_mma.matmul(x2d, layer.mma_qweight, layer.mma_szp, layer.group_size, add_norm=(res, norm_weight))
-    return a.view(*x.shape[:-1], -1), h.view(residual.shape), ss
-
-
-def apply_int_rmsnormed(
-    layer: nn.Module, x: torch.Tensor, stats: torch.Tensor, eps: float, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``norm(h) @ W^T (+ bias)`` from ``x = h * norm_weight`` and the ``stats`` of ``apply_int_add_rmsnorm``:
-    the projection after an RMSNorm, its sums scaled by ``rsqrt(mean(h^2) + eps)`` (``norm_scale``)."""
-    from plugins.quant import int4_mma
-
-    out = int4_mma.matmul(_fused_rows(layer, x), layer.mma_qweight, layer.mma_szp, layer.group_size,
-                          norm_scale=(stats, eps))  # fmt: skip
-    if bias is not None:
-        out = out + bias
-    return out.view(*x.shape[:-1], -1)
-
-
-def _fused_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from plugins.quant import int4_mma
-
-    rows = _code_order(layer, x).contiguous()
-    if rows.dtype != layer.scales.dtype or not fuses_int_rmsnorm(layer, rows.shape[0]):
-        raise ValueError(f"the fused RMSNorm takes {layer.scales.dtype} steps that fuses_int_rmsnorm accepts; got "
-                         f"{tuple(rows.shape)} {rows.dtype}")  # fmt: skip
-    return rows if int4_mma.aligned(rows) else rows.clone()  # a fresh allocation is aligned
-
-
-class Int4LinearMethod(LinearMethod):
-    """``apply`` and the fused kernels of the layers in this module's layout (GPTQ and AWQ share them)."""
-
-    def apply(self, layer, x, bias=None):
-        return apply_int_weight(layer, x, bias)
-
-    def apply_silu_and_mul(self, layer, x, bias=None):
-        return apply_int_silu(layer, x, bias)
-
-    def fuses_silu_and_mul(self, layer, rows):
-        return fuses_int_silu(layer, rows)
-
-    def fuses_rmsnorm(self, layer, rows):
-        return fuses_int_rmsnorm(layer, rows)
-
-    def apply_add_rmsnorm(self, layer, x, residual, norm_weight):
-        return apply_int_add_rmsnorm(layer, x, residual, norm_weight)
-
-    def apply_rmsnormed(self, layer, x, stats, eps, bias=None):
-        return apply_int_rmsnormed(layer, x, stats, eps, bias)
 
 
 def _code_order(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

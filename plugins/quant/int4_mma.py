@@ -45,7 +45,7 @@ from plugins.quant.int4_mma_asm import (  # noqa: F401 - _asm and the load asm r
     _mma_step, _ring_half,
 )
 from plugins.quant.int4_mma_emulated import emulated_step
-from plugins.quant.int4_mma_epilogue import mma_out_kernel, norm_slots, store_addnorm, store_tile, write_out
+from plugins.quant.int4_mma_epilogue import mma_out_kernel, store_tile, write_out
 from plugins.quant.int4_mma_layout import MAGIC_VALUE, pack_scales, reference_matmul, repack
 from plugins.quant.int4_mma_tuned import DEFAULT, TUNED, band as _band, tuned as _tuned  # noqa: F401 - re-exported
 
@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 
 # fmt: off
-@triton.jit(do_not_specialize=["M", "G", "sb_per_split", "num_splits", "nss"])
+@triton.jit(do_not_specialize=["M", "G", "sb_per_split", "num_splits"])
 def _mma_kernel(
     x_ptr,  # [M, K] activations (16-bit), row stride sxm, 32-byte aligned rows
     qw_ptr,  # int32 [N // 16, K // 64, 32, 4]
@@ -82,11 +82,6 @@ def _mma_kernel(
     RING: tl.constexpr = False,  # two steps' loads in flight in two register sets, no copies: see the main loop
     INTERLEAVE: tl.constexpr = False,  # slice s takes superblocks s U .. s U + U - 1 of every KS U (not a run)
     EARLY: tl.constexpr = False,  # RING: both register sets' weight and scale loads before the PDL wait
-    ADDNORM: tl.constexpr = False,  # the projection before an RMSNorm: int4_mma_epilogue.store_addnorm
-    NORMED: tl.constexpr = False,  # the projection after it: sums scaled by int4_mma_epilogue.norm_slots
-    res_ptr=None, h_ptr=None, nw_ptr=None,  # ADDNORM: residual [M, N] in, new residual [M, N] out, norm weight [N]
-    ss_ptr=None,  # fp32 [M, nss] partial sums of squares: ADDNORM writes them (nss = its tiles), NORMED reads them
-    nss=0, eps=0.0,  # NORMED: the partials a row, the norm's epsilon (the mean is over K, the norm's width)
 ):
 # fmt: on
     # Every tensor of the main loop is [R KS, 128 U] and reaches memory only through loads and stores contiguous
@@ -198,13 +193,7 @@ def _mma_kernel(
     if DIRECT:  # the slices' and unroll slots' sums, then the outputs straight from them
         for cb in tl.static_range(MB):
             y = tl.sum(tl.reshape(accs[cb], (R, KS * U, 128)), axis=1)  # tile row KS r + s, slot 128 u + j
-            if NORMED:  # the norm's statistics (the kernel before has ended: this one is past its PDL wait)
-                y = y * norm_slots(ss_ptr, nss, M, K, eps, cb)[None, :]
-            if ADDNORM:
-                store_addnorm(out_ptr, y, pid_n * R, M, N, NB, cb, R, res_ptr, h_ptr, nw_ptr, ss_ptr, pid_n,
-                              tl.num_programs(0))  # fmt: skip
-            else:
-                store_tile(out_ptr, y, pid_n * R, M, N, NB, cb, R, PAIRED, GATED)
+            store_tile(out_ptr, y, pid_n * R, M, N, NB, cb, R, PAIRED, GATED)
     else:
         tiles = tl.num_programs(0)
         # only the accumulators of x's M rows (D[i] of lane 4g + t in column block cb is row 8 cb + 2t + i % 2):
@@ -221,8 +210,7 @@ def _mma_kernel(
             tl.debug_barrier()  # every thread's partial stored before the counter moves
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if arrived == num_splits - 1:
-                write_out(ws_ptr, out_ptr, pid_n, M, N, NB, num_splits, R, U, MB, PAIRED, GATED, res_ptr, h_ptr,
-                          nw_ptr, ss_ptr, nss, K, eps, ADDNORM, NORMED)  # fmt: skip
+                write_out(ws_ptr, out_ptr, pid_n, M, N, NB, num_splits, R, U, MB, PAIRED, GATED)
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
@@ -241,17 +229,13 @@ def aligned(x: torch.Tensor) -> bool:
 
 def matmul(
     x: torch.Tensor, qweight: torch.Tensor, szp: torch.Tensor, group_size: int, paired: bool = False,
-    gated: bool = False, add_norm: tuple | None = None, norm_scale: tuple | None = None,
-):  # fmt: skip
+    gated: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """``mma_matmul`` with the measured config for the shape, launched as a programmatic dependent where the
     decode kernels are (``framework.ops.pdl``: by default for steps of up to 8 rows)."""
     kwargs = dict(_tuned().get((qweight.shape[0] * 16, x.shape[1]) + _band(x.shape[0]), DEFAULT))
     if "pdl" not in kwargs and pdl_launch.enabled(x.device, x.shape[0]):
         kwargs["pdl"] = True
-    if add_norm is not None:
-        kwargs["add_norm"] = add_norm
-    if norm_scale is not None:
-        kwargs["norm_scale"] = norm_scale
     return mma_matmul(x, qweight, szp, group_size, paired=paired, gated=gated, **kwargs)
 
 
@@ -292,8 +276,7 @@ def mma_matmul(
     rows: int = 4, unroll: int = 2, split: int = 0, num_warps: int = 4, depth: int = 1, evict: str = "",
     pdl: bool = False, kslices: int = 1, paired: bool = False, gated: bool = False, xjit: bool = False,
     maxnreg: int = 0, barrier: bool = False, ring: bool = False, interleave: bool = False, early: bool = False,
-    add_norm: tuple | None = None, norm_scale: tuple | None = None,
-):  # fmt: skip
+) -> torch.Tensor:  # fmt: skip
     """``x @ W^T`` for ``M <= 64`` rows of 16-bit ``x`` and the layout above (CUDA only).
 
     A program takes ``rows`` 16-row blocks over ``kslices`` slices of its superblocks (``rows * kslices`` tile
@@ -309,14 +292,7 @@ def mma_matmul(
     two register sets that the loop never copies (with ``xjit`` or ``barrier`` as above); ``interleave``: the
     slices take turns at the superblocks, U each (a step of the program reads KS U contiguous superblocks of a
     row block) instead of one run each; ``early`` (with ``ring``): both register sets' weight and scale loads
-    before the PDL wait, not only the first set's weights.
-
-    The two halves of an RMSNorm between two projections (each takes one launch less than a norm kernel of its
-    own): ``add_norm=(residual, norm_weight)`` for the projection before the norm returns ``(h * norm_weight,
-    h, stats)`` with ``h = out + residual`` (rounded as the norm's inputs are) and ``stats`` the partial sums of
-    ``h^2``; ``norm_scale=(stats, eps)`` for the projection after it, whose x is that ``h * norm_weight``,
-    multiplies its sums by ``rsqrt(mean(h^2) + eps)`` before rounding. Together they compute
-    ``norm(out + residual) @ W^T`` with one rounding of the normalised row fewer than ``RMSNorm`` makes."""
+    before the PDL wait, not only the first set's weights."""
     M, K = x.shape
     nb = qweight.shape[0]
     N = nb * 16
@@ -330,25 +306,6 @@ def mma_matmul(
         raise ValueError("early loads the ring's second register set before the PDL wait: it needs ring")
     if gated and not paired:
         raise ValueError("gated needs the paired layout (int4_mma_layout.pair_halves)")
-    norm_args = {}
-    if add_norm is not None:
-        residual, norm_weight = add_norm
-        if paired or norm_scale is not None:
-            raise ValueError("add_norm takes a plain projection (not paired, not normed itself)")
-        if residual.shape != (M, nb * 16) or not residual.is_contiguous() or residual.dtype != x.dtype:
-            raise ValueError(f"add_norm's residual must be a contiguous {(M, nb * 16)} {x.dtype}; got "
-                             f"{tuple(residual.shape)} {residual.dtype}")  # fmt: skip
-        if norm_weight.shape != (nb * 16,) or not norm_weight.is_contiguous():
-            raise ValueError(f"add_norm's norm weight must be contiguous [{nb * 16}]; got {tuple(norm_weight.shape)}")
-        h = torch.empty_like(residual)
-        ss = torch.empty((M, triton.cdiv(nb, rows)), dtype=torch.float32, device=x.device)
-        norm_args = dict(ADDNORM=True, res_ptr=residual, h_ptr=h, nw_ptr=norm_weight, ss_ptr=ss)
-    elif norm_scale is not None:
-        ss, eps = norm_scale
-        if ss.dtype != torch.float32 or ss.shape[0] != M or not ss.is_contiguous():
-            raise ValueError(f"norm_scale's statistics must be contiguous float32 [{M}, tiles]; got "
-                             f"{tuple(ss.shape)} {ss.dtype}")  # fmt: skip
-        norm_args = dict(NORMED=True, ss_ptr=ss, nss=ss.shape[1], eps=float(eps))
     if gated and rows < 2:
         rows, kslices = 2, max(1, kslices // 2)  # one (gate, up) pair a program; as many tile rows as before
     if num_warps > rows * kslices:
@@ -377,13 +334,11 @@ def mma_matmul(
         GROUP=group_size, R=rows, U=unroll, SERIAL=cnt is not None, ASM=asm, CONSTRAINTS=constraints,
         DEPTH=depth, EVICT=evict, MB=mb, PDL=pdl, KS=kslices, DIRECT=direct, PAIRED=paired, GATED=gated,
         num_warps=num_warps, num_stages=1,
-        XJIT=xjit, BARRIER=barrier, RING=ring, INTERLEAVE=interleave, EARLY=early, **norm_args,
+        XJIT=xjit, BARRIER=barrier, RING=ring, INTERLEAVE=interleave, EARLY=early,
         **({"EMULATE": True, "MAGIC": MAGIC_VALUE[x.dtype]} if emulate else {"launch_pdl": pdl}),
         **({"maxnreg": maxnreg} if maxnreg and not emulate else {}),
     )  # fmt: skip
     if cnt is None and not direct:
         mma_out_kernel[(tiles,)](ws, out, M, N, splits, R=rows, U=unroll, MB=mb, PAIRED=paired, GATED=gated,
-                                  hidden=K, num_warps=4, **norm_args)  # fmt: skip
-    if add_norm is not None:
-        return out, h, ss
+                                  num_warps=4)  # fmt: skip
     return out

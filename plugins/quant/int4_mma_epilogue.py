@@ -1,7 +1,6 @@
 """The epilogues of the int4 tensor-core kernel (``plugins.quant.int4_mma``): where each fragment slot's sum
-goes in the output, the outputs of a tile (plain, paired halves back in order, or ``silu(gate) * up``), the
-sum of split-K partials from the fragment-ordered workspace, and the two halves of an RMSNorm split across
-two projections (``store_addnorm`` in the one before the norm, ``norm_slots`` in the one after it)."""
+goes in the output, the outputs of a tile (plain, paired halves back in order, or ``silu(gate) * up``), and
+the sum of split-K partials from the fragment-ordered workspace."""
 
 from __future__ import annotations
 
@@ -48,51 +47,11 @@ def store_tile(out_ptr, y, rb0, M, N, NB, cb, R: tl.constexpr, PAIRED: tl.conste
 
 
 @triton.jit
-def store_addnorm(out_ptr, y, rb0, M, N, NB, cb, R: tl.constexpr, res_ptr, h_ptr, nw_ptr, ss_ptr, tile, tiles):
-    """The projection before an RMSNorm, its outputs ``y [R, 128]`` (fragment slots, row blocks ``rb0 ..``)
-    rounded as its own output, then: ``h = out + residual`` (rounded; the new residual stream, to ``h_ptr``),
-    ``h * norm weight`` (rounded; the next projection's input, to ``out_ptr``), and each x row's sum of ``h^2``
-    over the tile's outputs (fp32, to ``ss_ptr[m, tile]``, one of ``tiles`` partials: ``norm_slots`` adds them
-    in order, and the next projection multiplies its sums by ``rsqrt(mean + eps)``)."""
-    offs, mask = out_index(rb0 + tl.arange(0, R), M, N, NB, cb)
-    dt = out_ptr.dtype.element_ty
-    r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    h = (y.to(dt).to(tl.float32) + r).to(dt)
-    tl.store(h_ptr + offs, h, mask=mask)
-    g = tl.load(nw_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    hf = h.to(tl.float32)
-    tl.store(out_ptr + offs, (hf * g).to(dt), mask=mask)
-    # slot c = 16 (lane // 4) + 4 (lane % 4) + 2 (i // 2) + i % 2 holds x row m = 8 cb + 2 (lane % 4) + i % 2
-    sq = tl.reshape(tl.where(mask, hf * hf, 0.0), (R * 8, 4, 2, 2))
-    part = tl.reshape(tl.sum(tl.sum(sq, axis=0), axis=1), (8,))  # [m - 8 cb]
-    m = 8 * cb + tl.arange(0, 8)
-    tl.store(ss_ptr + m * tiles + tile, part, mask=m < M)
-
-
-@triton.jit
-def norm_slots(ss_ptr, nss, M, hidden, eps, cb, NSS: tl.constexpr = 256):
-    """Per fragment slot ``[128]`` of column block ``cb``: ``rsqrt(sum of h^2 / hidden + eps)`` of its x row,
-    from the ``nss`` partials ``store_addnorm`` wrote (summed in order: the same value in every program)."""
-    m = 8 * cb + tl.arange(0, 8)
-    p = tl.arange(0, NSS)
-    acc = tl.zeros([8], dtype=tl.float32)
-    for p0 in range(0, nss, NSS):
-        acc += tl.sum(tl.load(ss_ptr + m[:, None] * nss + p0 + p[None, :],
-                              mask=(m < M)[:, None] & (p0 + p < nss)[None, :], other=0.0), axis=1)  # fmt: skip
-    rstd = tl.rsqrt(acc / hidden + eps)
-    ci = tl.arange(0, 128)
-    mi = 2 * ((ci // 4) % 4) + ci % 2
-    return tl.sum(tl.where(mi[:, None] == tl.arange(0, 8)[None, :], rstd[None, :], 0.0), axis=1)
-
-
-@triton.jit
 def write_out(ws_ptr, out_ptr, tile, M, N, NB, num_splits, R: tl.constexpr, U: tl.constexpr, MB: tl.constexpr,
-               PAIRED: tl.constexpr = False, GATED: tl.constexpr = False, res_ptr=None, h_ptr=None, nw_ptr=None,
-               ss_ptr=None, nss=0, hidden=1, eps=0.0, ADDNORM: tl.constexpr = False, NORMED: tl.constexpr = False):  # fmt: skip
+               PAIRED: tl.constexpr = False, GATED: tl.constexpr = False):  # fmt: skip
     """out[m, n] for the tile's rows: the fragment-ordered partials of every split and unroll slot, summed in
     order. ws: fp32 [S, tiles, MB, R, 128 U]; element (cb, r, 128 u + 4 lane + i) is D[i] of that lane's
-    mma for column block cb (rows 8 cb.. of x) and row block r. ADDNORM: written as ``store_addnorm`` does;
-    NORMED: scaled by ``norm_slots`` first."""
+    mma for column block cb (rows 8 cb.. of x) and row block r."""
     ci = tl.arange(0, 128)
     rb = tile * R + tl.arange(0, R)
     tiles = tl.num_programs(0)
@@ -104,18 +63,10 @@ def write_out(ws_ptr, out_ptr, tile, M, N, NB, num_splits, R: tl.constexpr, U: t
             for uu in tl.static_range(U):
                 y += tl.load(base + tl.arange(0, R)[:, None] * (128 * U) + uu * 128 + ci[None, :], mask=live,
                              other=0.0, cache_modifier=".cg")  # fmt: skip
-        if NORMED:
-            y = y * norm_slots(ss_ptr, nss, M, hidden, eps, cb)[None, :]
-        if ADDNORM:
-            store_addnorm(out_ptr, y, tile * R, M, N, NB, cb, R, res_ptr, h_ptr, nw_ptr, ss_ptr, tile, tiles)
-        else:
-            store_tile(out_ptr, y, tile * R, M, N, NB, cb, R, PAIRED, GATED)
+        store_tile(out_ptr, y, tile * R, M, N, NB, cb, R, PAIRED, GATED)
 
 
-@triton.jit(do_not_specialize=["M", "num_splits", "nss"])
+@triton.jit(do_not_specialize=["M", "num_splits"])
 def mma_out_kernel(ws_ptr, out_ptr, M, N, num_splits, R: tl.constexpr, U: tl.constexpr, MB: tl.constexpr,
-                    PAIRED: tl.constexpr = False, GATED: tl.constexpr = False, res_ptr=None, h_ptr=None,
-                    nw_ptr=None, ss_ptr=None, nss=0, hidden=1, eps=0.0, ADDNORM: tl.constexpr = False,
-                    NORMED: tl.constexpr = False):  # fmt: skip
-    write_out(ws_ptr, out_ptr, tl.program_id(0), M, N, N // 16, num_splits, R, U, MB, PAIRED, GATED, res_ptr, h_ptr,
-              nw_ptr, ss_ptr, nss, hidden, eps, ADDNORM, NORMED)  # fmt: skip
+                    PAIRED: tl.constexpr = False, GATED: tl.constexpr = False):  # fmt: skip
+    write_out(ws_ptr, out_ptr, tl.program_id(0), M, N, N // 16, num_splits, R, U, MB, PAIRED, GATED)

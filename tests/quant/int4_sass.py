@@ -44,8 +44,7 @@ def sass(cfg: dict) -> str:
         "DEPTH": cfg.get("depth", 1), "EVICT": "", "MB": 1, "PDL": False, "KS": cfg.get("kslices", 1), "DIRECT": True,
         "EMULATE": False, "MAGIC": 128, "PAIRED": False, "GATED": False, "XJIT": cfg.get("xjit", False),
         "BARRIER": cfg.get("barrier", False), "RING": cfg.get("ring", False),
-        "INTERLEAVE": cfg.get("interleave", False), "EARLY": cfg.get("early", False), "ADDNORM": False,
-        "NORMED": False, "res_ptr": None, "h_ptr": None, "nw_ptr": None, "ss_ptr": None, "nss": 0, "eps": 0.0,
+        "INTERLEAVE": cfg.get("interleave", False), "EARLY": cfg.get("early", False),
     }  # fmt: skip
     names = list(SIGNATURE)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}

@@ -32,7 +32,7 @@ def test_tuned_configs_from_the_environment(monkeypatch):
         with pytest.raises(ValueError, match=f"FRAMEWORK_INT4_MMA_TUNED.*{field}"):
             int4_mma._tuned()
     # what an entry may give is what mma_matmul takes for a program
-    operands = {"x", "qweight", "szp", "group_size", "paired", "gated", "add_norm", "norm_scale"}
+    operands = {"x", "qweight", "szp", "group_size", "paired", "gated"}
     assert set(inspect.signature(int4_mma.mma_matmul).parameters) - operands == KEYWORDS
 
 
